@@ -1,0 +1,11 @@
+"""lmgen: generate text with causal language models."""
+
+from .errors import CorruptFileError, LmgenError, ModelNotFoundError, UnsupportedModelError
+from .generate import Generation, GenerationConfig
+from .lm import LM, TokenProb
+from .loading import load, load_tokenizer
+from .pipeline import pipeline
+
+__all__ = ["LM", "Generation", "GenerationConfig", "TokenProb", "load", "load_tokenizer", "pipeline",
+           "LmgenError", "ModelNotFoundError", "UnsupportedModelError", "CorruptFileError"]
+__version__ = "0.1.0"

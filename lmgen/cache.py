@@ -1,0 +1,111 @@
+"""A fixed-capacity KV cache of slots, one sequence per slot, written by position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Step:
+    """What one forward pass needs to know about where its tokens sit.
+
+    positions: [B, T] position of each token; slots: [B] cache row of each batch row
+    (None without a cache); mask: [B, 1, T, S] True where a query may attend a key.
+    """
+
+    positions: torch.Tensor
+    slots: torch.Tensor | None
+    mask: torch.Tensor
+    kv_len: int
+    slot_start: int | None  # first slot when the slots are a contiguous range, so reads are views
+
+
+def make_step(positions: torch.Tensor, cache: "KVCache | None", slots: list[int] | None) -> Step:
+    """The Step for a forward over `positions` [B, T]: through the cache's `slots`, or causal alone."""
+    if cache is not None:
+        if slots is None:
+            raise ValueError("a forward through a KV cache needs the slots of its rows")
+        return cache.step(slots, positions)
+    mask = positions[:, None, :, None] >= positions[:, None, None, :]
+    return Step(positions, None, mask, positions.shape[1], None)
+
+
+class KVCache:
+    """Keys and values for up to `n_slots` sequences of up to `max_len` tokens each.
+
+    The cache lives outside the model. Each slot holds one sequence; a token at
+    position p writes its keys at index p, so sequences of different lengths
+    decode in one batch, and a freed slot is simply overwritten by its next user.
+    """
+
+    def __init__(self, n_layers: int, n_slots: int, max_len: int, n_kv_heads: int,
+                 head_dim: int, *, dtype: torch.dtype = torch.float32, device="cpu"):
+        shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.n_slots, self.max_len = n_slots, max_len
+        self._free = list(range(n_slots - 1, -1, -1))
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype=None) -> "KVCache":
+        """A cache shaped for `model` (which exposes `cache_shape()`), on its device."""
+        n_layers, n_kv_heads, head_dim = model.cache_shape()
+        p = next(model.parameters())
+        return cls(n_layers, n_slots, max_len, n_kv_heads, head_dim,
+                   dtype=dtype or p.dtype, device=p.device)
+
+    @property
+    def free_slots(self) -> int:
+        """How many slots are free."""
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """Take a free slot; raises RuntimeError when all are in use."""
+        if not self._free:
+            raise RuntimeError(f"all {self.n_slots} KV cache slots are in use")
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        """Give a slot back so another sequence can use it."""
+        if slot in self._free or not 0 <= slot < self.n_slots:
+            raise ValueError(f"slot {slot} is not allocated")
+        self._free.append(slot)
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (shared prompts)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def reorder(self, slots: list[int], sources: list[int], length: int) -> None:
+        """Set slots[i] to a copy of sources[i] for the first `length` positions (beam search)."""
+        src = torch.tensor(sources, device=self.k.device)
+        dst = torch.tensor(slots, device=self.k.device)
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def step(self, slots: list[int], positions: torch.Tensor) -> Step:
+        """Describe a forward over `positions` [B, T] for the sequences in `slots`."""
+        device = self.k.device
+        kv_len = int(positions.max()) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        keys = torch.arange(kv_len, device=device)
+        # A key is visible when it sits at or before the query's position: everything
+        # there was written by this sequence, earlier or in this same step.
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]
+        slot_t = torch.tensor(slots, device=device)
+        return Step(positions, slot_t, mask, kv_len, slots[0] if contiguous else None)
+
+    def update(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, H, T, D] at the step's positions; return this batch's keys and values."""
+        k_layer, v_layer = self.k[layer], self.v[layer]
+        idx = (step.slots[:, None], slice(None), step.positions)
+        k_layer[idx] = k.transpose(1, 2).to(k_layer.dtype)
+        v_layer[idx] = v.transpose(1, 2).to(v_layer.dtype)
+        if step.slot_start is not None:
+            rows = slice(step.slot_start, step.slot_start + k.shape[0])
+            return k_layer[rows, :, :step.kv_len], v_layer[rows, :, :step.kv_len]
+        return k_layer[step.slots, :, :step.kv_len], v_layer[step.slots, :, :step.kv_len]

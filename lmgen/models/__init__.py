@@ -1,0 +1,19 @@
+"""Model architectures, one module each, looked up by Hugging Face `model_type`."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..errors import UnsupportedModelError
+from . import gpt2, llama
+
+ARCHITECTURES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama}
+
+
+def architecture(model_type: str | None, source: object = None) -> ModuleType:
+    """The module (with `Config` and `Model`) for a model_type, or UnsupportedModelError."""
+    if model_type not in ARCHITECTURES:
+        where = f" in {source}" if source else ""
+        raise UnsupportedModelError(
+            f"model_type {model_type!r}{where} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type]

@@ -1,0 +1,1 @@
+"""Readers that turn model files (Hugging Face folders, GGUF) into a config dict and tensors."""

@@ -1,0 +1,144 @@
+"""GGUF files: metadata to a Hugging Face config dict, tensors to Hugging Face names, dequantized."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CorruptFileError, UnsupportedModelError
+from .quants import dequantize
+
+# GGUF tensor names (llama.cpp's) -> Hugging Face names, per architecture; {i} is the block.
+TENSOR_NAMES = {
+    "llama": {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+        "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+        "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+        "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+        "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+        "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+        "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+        "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+        "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+        "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+        "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+        "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+        "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    },
+    "gpt2": {
+        "token_embd.weight": "transformer.wte.weight",
+        "position_embd.weight": "transformer.wpe.weight",
+        "output_norm.weight": "transformer.ln_f.weight",
+        "output_norm.bias": "transformer.ln_f.bias",
+        "output.weight": "lm_head.weight",
+        **{f"blk.{{i}}.{g}.{p}": f"transformer.h.{{i}}.{h}.{p}" for g, h in [
+            ("attn_norm", "ln_1"), ("attn_qkv", "attn.c_attn"), ("attn_output", "attn.c_proj"),
+            ("ffn_norm", "ln_2"), ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")]
+           for p in ("weight", "bias")},
+    },
+}
+# GPT-2's Conv1D layers store [in, out]; GGUF stores every matrix as [out, in].
+_TRANSPOSED = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+
+
+class GGUFFile:
+    """An open GGUF file: its metadata as plain Python values, and its tensors on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise CorruptFileError(f"{self.path}: cannot be read ({e.strerror})") from None
+        if magic != b"GGUF":
+            raise CorruptFileError(f"{self.path}: not a GGUF file (it does not start with b'GGUF')")
+        from gguf import GGUFReader
+
+        try:
+            self.reader = GGUFReader(self.path)
+            self.metadata = {k: f.contents() for k, f in self.reader.fields.items()}
+        except Exception as e:  # the reader raises ValueError, IndexError, struct errors...
+            raise CorruptFileError(
+                f"{self.path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+        self.arch = self.metadata.get("general.architecture")
+
+    def config(self) -> dict:
+        """A Hugging Face style config.json dict built from the metadata."""
+        m, a = self.metadata, self.arch
+        if a not in TENSOR_NAMES:
+            raise UnsupportedModelError(
+                f"{self.path}: GGUF architecture {a!r} is not supported; supported: {', '.join(TENSOR_NAMES)}")
+
+        def get(key, default=None):
+            return m.get(f"{a}.{key}", default)
+
+        names = {t.name for t in self.reader.tensors}
+        vocab = get("vocab_size") or len(m.get("tokenizer.ggml.tokens", ()))
+        common = dict(model_type=a, vocab_size=vocab, bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
+                      eos_token_id=m.get("tokenizer.ggml.eos_token_id"))
+        if a == "gpt2":
+            return dict(common, n_embd=get("embedding_length"), n_layer=get("block_count"),
+                        n_head=get("attention.head_count"), n_positions=get("context_length"),
+                        n_inner=get("feed_forward_length"),
+                        layer_norm_epsilon=get("attention.layer_norm_epsilon", 1e-5))
+        heads = get("attention.head_count")
+        hidden = get("embedding_length")
+        scaling = None
+        if get("rope.scaling.type") == "linear":
+            scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+        if "rope_freqs.weight" in names:
+            raise UnsupportedModelError(f"{self.path}: per-frequency rope factors (rope_freqs) are not supported yet")
+        return dict(common, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+                    num_hidden_layers=get("block_count"), num_attention_heads=heads,
+                    num_key_value_heads=get("attention.head_count_kv", heads),
+                    head_dim=get("attention.key_length", hidden // heads),
+                    max_position_embeddings=get("context_length", 2048),
+                    rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
+                    rope_theta=get("rope.freq_base", 10000.0), rope_scaling=scaling,
+                    tie_word_embeddings="output.weight" not in names)
+
+    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (Hugging Face name, dequantized tensor) one at a time."""
+        table = _name_table(TENSOR_NAMES[self.arch])
+        cfg = self.config()
+        for t in self.reader.tensors:
+            hf = _hf_name(table, t.name)
+            if hf is None:
+                raise UnsupportedModelError(f"{self.path}: unexpected tensor {t.name!r} for {self.arch}")
+            shape = tuple(int(n) for n in reversed(t.shape))
+            try:
+                w = dequantize(np.asarray(t.data), int(t.tensor_type), shape, dtype=dtype)
+            except (UnsupportedModelError, CorruptFileError) as e:
+                raise type(e)(f"{self.path}: tensor {t.name}: {e}") from None
+            if self.arch == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
+                w = _unpermute(w, cfg["num_attention_heads"])
+            elif self.arch == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
+                w = _unpermute(w, cfg["num_key_value_heads"])
+            elif _TRANSPOSED.fullmatch(hf):
+                w = w.t().contiguous()
+            yield hf, w
+
+
+def _name_table(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile(re.escape(g).replace(r"\{i\}", r"(?P<i>\d+)")), h) for g, h in names.items()]
+
+
+def _hf_name(table, name: str) -> str | None:
+    for pattern, hf in table:
+        m = pattern.fullmatch(name)
+        if m:
+            return hf.format(**m.groupdict())
+    return None
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of the rotary halves in q and k rows."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()

@@ -1,0 +1,101 @@
+"""Hugging Face model folders: config.json and weights (safetensors, sharded or not, or pytorch_model.bin)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..errors import CorruptFileError, ModelNotFoundError
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+
+
+def read_json(path: Path) -> dict:
+    """Parse a JSON file, naming it in the error when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_config(folder: Path) -> dict:
+    """The folder's config.json as a dict."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"{folder}: no config.json, so this is not a Hugging Face model folder")
+    return read_json(path)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's weight files: safetensors (by the shard index when there is one) or pytorch_model.bin."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    for found in (sorted(folder.glob("*.safetensors")), sorted(folder.glob("pytorch_model*.bin"))):
+        if found:
+            return found
+    raise ModelNotFoundError(
+        f"{folder}: no weights found (looked for model.safetensors, sharded *.safetensors "
+        "with model.safetensors.index.json, and pytorch_model.bin)")
+
+
+def read_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every weight in the folder, one file at a time."""
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            yield from _read_safetensors(path)
+        else:
+            yield from _read_torch_bin(path)
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CorruptFileError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def _read_torch_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        # weights_only: never unpickle arbitrary objects from a checkpoint.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for bad pickles and zips
+        raise CorruptFileError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CorruptFileError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    yield from state.items()
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A Hub model's folder: from the local Hugging Face cache, else downloaded when online."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - it is a dependency
+        raise ModelNotFoundError(f"{repo_id!r} is not a local path, and huggingface_hub is not installed") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS, local_files_only=True))
+    except Exception:
+        pass  # not cached (or only partly): try the network below
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS))
+        except Exception as e:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise ModelNotFoundError(
+        f"model {repo_id!r} is not a local path and is not in the Hugging Face cache, and could not be "
+        f"downloaded ({reason}). On a machine with internet run `huggingface-cli download {repo_id}` "
+        "(or copy its folder here), then pass that folder or the Hub id again; or pass a .gguf file.")

