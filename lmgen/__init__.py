@@ -1,9 +1,10 @@
 """lmgen: generate text with causal language models."""
 
 from .errors import CorruptFileError, LmgenError, ModelNotFoundError, UnsupportedModelError
-from .generate import Generation, GenerationConfig
+from .generate import Generation
 from .lm import LM, TokenProb
 from .loading import load, load_tokenizer
+from .params import GenerationConfig
 from .pipeline import pipeline
 
 __all__ = ["LM", "Generation", "GenerationConfig", "TokenProb", "load", "load_tokenizer", "pipeline",

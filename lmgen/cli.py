@@ -61,7 +61,7 @@ def _generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    from .generate import GenerationConfig
+    from .params import GenerationConfig
 
     GenerationConfig(num_return_sequences=args.num_return_sequences, **params)  # bad values fail before loading
     lm = load(args.model, dtype=args.dtype, device=args.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -11,54 +10,9 @@ import torch
 
 from . import sampling
 from .cache import KVCache
+from .params import GenerationConfig
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """How to generate; Hugging Face parameter names. Invalid values raise ValueError naming the field."""
-
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    num_return_sequences: int = 1
-    seed: int | None = None
-    weighted: bool = True
-
-    def __post_init__(self):
-        def check(ok: bool, name: str, allowed: str):
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
-
-        check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens", "an integer >= 0")
-        check(_is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
-              "num_return_sequences", "an integer >= 1")
-        check(isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
-              and math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
-        check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0), "top_k", "None or an integer >= 0")
-        check(self.top_p is None or (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1),
-              "top_p", "None or a number in (0, 1]")
-        check(self.seed is None or _is_int(self.seed), "seed", "None or an integer")
-        check(isinstance(self.do_sample, bool), "do_sample", "True or False")
-        check(isinstance(self.weighted, bool), "weighted", "True or False")
-
-    @property
-    def sampling(self) -> bool:
-        """True when tokens are drawn at random (temperature 0 means greedy)."""
-        return self.do_sample and self.temperature > 0
-
-    def processors(self) -> list[sampling.Processor]:
-        """The logits processors this config applies before choosing a token."""
-        if not self.sampling:
-            return []
-        return sampling.warpers(self.temperature, self.top_k, self.top_p)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -83,7 +37,8 @@ class Sequence:
     finish_reason: str | None = None
 
     def __post_init__(self):
-        self.processors = self.config.processors()
+        c = self.config
+        self.processors = sampling.warpers(c.temperature, c.top_k, c.top_p) if c.sampling else []
 
     @property
     def length(self) -> int:

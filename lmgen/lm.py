@@ -8,7 +8,8 @@ from typing import NamedTuple
 import torch
 
 from .cache import KVCache
-from .generate import Generation, GenerationConfig, Sequence, generate_tokens
+from .generate import Generation, Sequence, generate_tokens
+from .params import GenerationConfig
 from .tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -132,7 +133,7 @@ class LM:
             yield rest
 
     def _sequences(self, prompt, config, params) -> list[Sequence]:
-        config = GenerationConfig(**{**(config.__dict__ if config else {}), **params})
+        config = GenerationConfig.from_params(config, **params)
         prompts = prompt if _is_prompt_list(prompt) else [prompt]
         if not prompts:
             raise ValueError("prompt list is empty")

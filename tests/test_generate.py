@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lmgen.cache import KVCache
-from lmgen.generate import GenerationConfig, Sequence, generate_tokens
+from lmgen.generate import Sequence, generate_tokens
 from lmgen.lm import LM
+from lmgen.params import GenerationConfig
 
 from .conftest import SEED_IDS, SEED_PROMPT
 
