@@ -11,50 +11,97 @@ import torch
 from . import sampling
 from .cache import KVCache
 from .params import GenerationConfig
+from .stopping import TextTracker
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability, and the most likely tokens at its step as (token_id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Generation:
-    """One generated sequence: the continuation's text and ids, and why it ended ("length" or "stop")."""
+    """One generated sequence: the continuation's text and ids, and why it ended.
+
+    finish_reason is "stop" or "length"; stop_reason says what stopped it: the EOS token id
+    (an int), the stop string (a str), or None when it ran to its length.
+    """
 
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_token_ids: list[int] = field(repr=False, default_factory=list)
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = field(repr=False, default=None)
+    prompt_logprobs: list[TokenLogprob | None] | None = field(repr=False, default=None)
+    score: float | None = None  # beam search: the sequence score
 
 
-@dataclass
 class Sequence:
-    """One sequence being generated: its slot, tokens and sampling state."""
+    """One sequence being generated: its slot, tokens, sampling state, text and stop conditions."""
 
-    prompt: list[int]
-    config: GenerationConfig
-    generator: torch.Generator | None = None
-    slot: int = -1
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    def __post_init__(self):
-        c = self.config
-        self.processors = sampling.warpers(c.temperature, c.top_k, c.top_p) if c.sampling else []
+    def __init__(self, prompt: list[int], config: GenerationConfig, generator: torch.Generator | None = None,
+                 eos_ids: Seq[int] = (), text: TextTracker | None = None):
+        self.prompt, self.config, self.generator = prompt, config, generator
+        eos = config.eos_token_id if config.eos_token_id is not None else list(eos_ids)
+        self.eos = set() if config.ignore_eos else set(eos)
+        self.processors = sampling.build_processors(config, len(prompt), eos)
+        self.text = text
+        self.slot = -1
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if config.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
 
     @property
     def length(self) -> int:
         """Tokens in the sequence so far, prompt included."""
         return len(self.prompt) + len(self.tokens)
 
-    def choose(self, scores: torch.Tensor) -> int:
-        """Pick the next token from this sequence's row of logits [V]."""
+    def advance(self, logits: torch.Tensor, max_length: int) -> str:
+        """Choose and append the next token from this sequence's logits [V]; return the text it releases."""
+        scores = logits
         if self.processors:
-            ids = torch.tensor([self.prompt + self.tokens], device=scores.device)
-            scores = sampling.apply_processors(self.processors, ids, scores[None])[0]
-        if not self.config.sampling:
-            return int(sampling.greedy(scores))
-        if self.config.weighted:
-            return sampling.sample(scores, self.generator)
-        return sampling.sample_uniform(scores, self.generator)
+            ids = torch.tensor([self.prompt + self.tokens], device=logits.device)
+            scores = sampling.apply_processors(self.processors, ids, logits[None])[0]
+        c = self.config
+        if not c.sampling:
+            token = int(sampling.greedy(scores))
+        elif c.weighted:
+            token = sampling.sample(scores, self.generator)
+        else:
+            token = sampling.sample_uniform(scores, self.generator)
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(scores if c.logprobs_mode == "processed" else logits, token, c.logprobs))
+        self.tokens.append(token)
+        piece = ""
+        if token in self.eos:
+            self.finish_reason, self.stop_reason = "stop", token
+        elif self.text is not None:
+            piece = self.text.add(token)
+            if self.text.matched is not None:
+                self.finish_reason, self.stop_reason = "stop", self.text.matched
+        if self.finish_reason is None and (len(self.tokens) >= c.max_new_tokens or self.length >= max_length):
+            self.finish_reason = "length"
+        if self.finish_reason is not None and self.text is not None:
+            piece += self.text.finish()
+        return piece
+
+
+def token_logprob(scores: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    """The log-probability of `token` under scores [V], with the top_n alternatives."""
+    logprobs = torch.log_softmax(scores.float(), dim=-1)
+    top = []
+    if top_n:
+        values, ids = torch.topk(logprobs, top_n)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), top)
 
 
 def prefill(model, cache: KVCache, prompts: Seq[list[int]], slots: list[int]) -> torch.Tensor:
@@ -87,15 +134,14 @@ def decode_step(model, cache: KVCache, seqs: Seq[Sequence]) -> torch.Tensor:
     return model(tokens, positions, cache, [s.slot for s in seqs])[:, -1]
 
 
-def generate_tokens(model, cache: KVCache, seqs: list[Sequence], eos_ids: Seq[int],
-                    max_length: int) -> Iterator[list[tuple[Sequence, int]]]:
-    """Generate for all sequences as one batch; yield the (sequence, token) pairs of each step.
+def generate_tokens(model, cache: KVCache, seqs: list[Sequence],
+                    max_length: int) -> Iterator[list[tuple[Sequence, int, str]]]:
+    """Generate for all sequences as one batch; yield each step's (sequence, token, released text).
 
-    Sequences with the same prompt object share one prefill. A sequence ends at an EOS
-    token ("stop"), at its max_new_tokens or at `max_length` tokens ("length"); its slot
-    is freed at once.
+    Sequences with the same prompt object share one prefill. A sequence ends at an EOS token
+    or a stop string ("stop"), or at its max_new_tokens or `max_length` tokens ("length");
+    its slot is freed at once.
     """
-    eos = set(eos_ids)
     for s in seqs:
         if s.config.max_new_tokens == 0 or s.length >= max_length:
             s.finish_reason = "length"
@@ -119,13 +165,8 @@ def generate_tokens(model, cache: KVCache, seqs: list[Sequence], eos_ids: Seq[in
         while active:
             step = []
             for s, row in zip(active, logits):
-                token = s.choose(row)
-                s.tokens.append(token)
-                step.append((s, token))
-                if token in eos:
-                    s.finish_reason = "stop"
-                elif len(s.tokens) >= s.config.max_new_tokens or s.length >= max_length:
-                    s.finish_reason = "length"
+                piece = s.advance(row, max_length)
+                step.append((s, s.tokens[-1], piece))
                 if s.finish_reason:
                     cache.release(s.slot)
             yield step

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
+from . import sampling
 from .cache import KVCache
-from .generate import Generation, Sequence, generate_tokens
+from .generate import Generation, Sequence, TokenLogprob, generate_tokens, token_logprob
 from .params import GenerationConfig
+from .stopping import TextTracker
 from .tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -108,54 +111,91 @@ class LM:
                  **params) -> list[Generation]:
         """Generate continuations; a list of prompts gives num_return_sequences results per prompt, in order.
 
-        Parameters (Hugging Face names) are GenerationConfig's: max_new_tokens, do_sample,
-        temperature, top_k, top_p, num_return_sequences, seed, weighted.
+        Parameters are GenerationConfig's fields (Hugging Face names): max_new_tokens, do_sample,
+        temperature, top_k, top_p, min_p, repetition_penalty, stop, num_beams, seed, logprobs, ...
         """
-        seqs = self._sequences(prompt, config, params)
-        for _ in self._run(seqs):
-            pass
-        return [self._result(s) for s in seqs]
+        config = GenerationConfig.from_params(config, **params)
+        prompts = [self.encode(p) for p in _prompt_list(prompt)]
+        if config.num_beams > 1:
+            results = [g for ids in prompts for g in self._beam_search(ids, config)]
+        else:
+            seqs = self._sequences(prompts, config)
+            for _ in self._run(seqs):
+                pass
+            results = [self._result(s) for s in seqs]
+        if config.prompt_logprobs is not None:
+            per_prompt = {id(ids): self.prompt_logprobs(ids, config.prompt_logprobs) for ids in prompts}
+            for g in results:
+                g.prompt_logprobs = per_prompt[id(g.prompt_token_ids)]
+        return results
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **params) -> Iterator[str]:
-        """Yield the text of one continuation as it is generated, never splitting a character."""
-        seqs = self._sequences(prompt, config, params)
-        if len(seqs) != 1:
-            raise ValueError("stream() takes one prompt and num_return_sequences=1")
-        detok = self.tokenizer.detokenizer()
-        eos = set(self.eos_token_ids)
+        """Yield the text of one continuation as it is generated: never part of a character or a stop string."""
+        config = GenerationConfig.from_params(config, **params)
+        if config.num_return_sequences != 1 or config.num_beams != 1 or _is_prompt_list(prompt):
+            raise ValueError("stream() takes one prompt, with num_return_sequences=1 and num_beams=1")
+        seqs = self._sequences([self.encode(prompt)], config)
         for step in self._run(seqs):
-            for _, token in step:
-                piece = "" if token in eos else detok.add(token)
+            for _, _, piece in step:
                 if piece:
                     yield piece
-        rest = detok.flush()
-        if rest:
-            yield rest
 
-    def _sequences(self, prompt, config, params) -> list[Sequence]:
-        config = GenerationConfig.from_params(config, **params)
-        prompts = prompt if _is_prompt_list(prompt) else [prompt]
-        if not prompts:
-            raise ValueError("prompt list is empty")
-        encoded = [self.encode(p) for p in prompts]
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: Prompt, top_n: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first)."""
+        ids = self.encode(prompt)
+        logits = self.logits(ids)
+        return [None] + [token_logprob(logits[i - 1], ids[i], top_n) for i in range(1, len(ids))]
+
+    def score(self, text: Prompt) -> Score:
+        """Per-token log-probabilities of a text, its total log-likelihood and its perplexity."""
+        ids = self.encode(text)
+        if len(ids) < 2:
+            raise ValueError(f"text must have at least 2 tokens to be scored, got {len(ids)}")
+        logprobs = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
+        token_lp = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].double()
+        total = float(token_lp.sum())
+        return Score(ids, token_lp.tolist(), total, math.exp(-total / (len(ids) - 1)))
+
+    def _sequences(self, prompts: list[list[int]], config: GenerationConfig) -> list[Sequence]:
         seqs = []
         base_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()))
-        for ids in encoded:
+        for ids in prompts:
             for _ in range(config.num_return_sequences):
                 # One generator per sequence, seeded by its index in the request, so the same
                 # request gives the same tokens however it is batched.
                 gen = None
                 if config.sampling:
                     gen = torch.Generator(self.device).manual_seed(base_seed + len(seqs))
-                seqs.append(Sequence(ids, config, gen))
+                text = TextTracker(self.tokenizer.detokenizer(), config.stop or (), config.include_stop_str_in_output)
+                seqs.append(Sequence(ids, config, gen, self.eos_token_ids, text))
         return seqs
+
+    def _max_length(self, lengths: list[int], config: GenerationConfig) -> int:
+        return min(self.context_length, max(lengths) + config.max_new_tokens)
 
     @torch.inference_mode()
     def _run(self, seqs: list[Sequence]):
-        max_length = min(self.context_length,
-                         max(s.length + s.config.max_new_tokens for s in seqs))
+        max_length = self._max_length([s.length for s in seqs], seqs[0].config)
         cache = self._cache_for(len(seqs), max_length)
-        yield from generate_tokens(self.model, cache, seqs, self.eos_token_ids, max_length)
+        yield from generate_tokens(self.model, cache, seqs, max_length)
+
+    @torch.inference_mode()
+    def _beam_search(self, ids: list[int], config: GenerationConfig) -> list[Generation]:
+        from .beam import beam_search
+
+        max_length = self._max_length([len(ids)], config)
+        cache = self._cache_for(config.num_beams, max_length)
+        eos = config.eos_token_id if config.eos_token_id is not None else list(self.eos_token_ids)
+        processors = sampling.build_processors(config, len(ids), eos)
+        beams = beam_search(self.model, cache, ids, config, eos, max_length, processors)
+        out = []
+        for b in beams:
+            ended_on_eos = b.finish_reason == "stop" and b.tokens and b.tokens[-1] in eos
+            text = self.tokenizer.decode(b.tokens[:-1] if ended_on_eos else b.tokens)
+            out.append(Generation(text, b.tokens, b.finish_reason, ids,
+                                  stop_reason=b.tokens[-1] if ended_on_eos else None, score=b.score))
+        return out
 
     def _cache_for(self, n_slots: int, max_length: int) -> KVCache:
         c = self._cache
@@ -166,9 +206,24 @@ class LM:
         return c
 
     def _result(self, s: Sequence) -> Generation:
-        ids = s.tokens
-        text_ids = ids[:-1] if s.finish_reason == "stop" and ids and ids[-1] in self.eos_token_ids else ids
-        return Generation(self.tokenizer.decode(text_ids), list(ids), s.finish_reason, s.prompt)
+        return Generation(s.text.text if s.text else "", list(s.tokens), s.finish_reason, s.prompt,
+                          stop_reason=s.stop_reason, logprobs=s.logprobs)
+
+
+class Score(NamedTuple):
+    """What score() returns: the text's ids, the log-probability of each token after the first, and totals."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    total_logprob: float
+    perplexity: float
+
+
+def _prompt_list(prompt) -> list:
+    prompts = prompt if _is_prompt_list(prompt) else [prompt]
+    if not prompts:
+        raise ValueError("prompt list is empty")
+    return prompts
 
 
 def _is_prompt_list(prompt) -> bool:

@@ -63,6 +63,8 @@ class GenerationConfig:
             if self.num_return_sequences > self.num_beams:
                 raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
                                  f"({self.num_beams}) in beam search")
+            if self.stop or self.logprobs is not None:
+                raise ValueError("stop and logprobs are not supported with num_beams > 1")
             if self.do_sample:
                 raise ValueError("do_sample=True with num_beams > 1 (beam sampling) is not supported: "
                                  "use num_beams=1 to sample, or do_sample=False for beam search")

@@ -53,10 +53,10 @@ def test_list_of_prompts_in_order(tiny_gpt2):
 def run_alone_and_batched(lm, seqs_factory, index):
     cache = KVCache.for_model(lm.model, n_slots=8, max_len=64)
     alone = seqs_factory()[index]
-    for _ in generate_tokens(lm.model, cache, [alone], lm.eos_token_ids, 64):
+    for _ in generate_tokens(lm.model, cache, [alone], 64):
         pass
     batch = seqs_factory()
-    for _ in generate_tokens(lm.model, cache, batch, lm.eos_token_ids, 64):
+    for _ in generate_tokens(lm.model, cache, batch, 64):
         pass
     assert cache.free_slots == 8
     return alone, batch[index]
@@ -69,7 +69,7 @@ def test_seeded_sequence_gives_the_same_tokens_alone_and_batched_with_seven_othe
             cfg = GenerationConfig(max_new_tokens=10 + 3 * i, do_sample=i != 5, temperature=0.7 + 0.1 * i,
                                    top_k=[None, 50][i % 2], top_p=[None, 0.9][i % 3 == 0])
             prompt = tiny_gpt2.encode(["Once upon a time", SEED_PROMPT, "A"][i % 3] + " x" * i)
-            seqs.append(Sequence(prompt, cfg, torch.Generator().manual_seed(100 + i)))
+            seqs.append(Sequence(prompt, cfg, torch.Generator().manual_seed(100 + i), tiny_gpt2.eos_token_ids))
         return seqs
 
     for index in (0, 3, 7):
@@ -103,6 +103,6 @@ def test_a_freed_slot_is_reused_without_leaking_old_keys(tiny_gpt2):
     cfg = GenerationConfig(max_new_tokens=8)
     long, short = Sequence([464] * 40, cfg), Sequence(list(SEED_IDS), cfg)
     for seq in (long, short):
-        for _ in generate_tokens(tiny_gpt2.model, cache, [seq], (), 64):
+        for _ in generate_tokens(tiny_gpt2.model, cache, [seq], 64):
             pass
     assert short.tokens == tiny_gpt2.generate(SEED_IDS, max_new_tokens=8)[0].token_ids
