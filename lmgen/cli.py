@@ -1,4 +1,4 @@
-"""The `lmgen` command line: generate text, streaming to the terminal."""
+"""The `lmgen` command line: generate, probs, score, chat, models, info."""
 
 from __future__ import annotations
 
@@ -16,65 +16,89 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="model folder, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar while the model loads")
+    p.add_argument("-v", "--verbose", action="store_true", help="report speed (tokens/s) on stderr")
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default: 64)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sample", dest="do_sample", action="store_true", default=None,
+                      help="sample by the probabilities")
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="take the most likely token")
+    for name, kind in [("temperature", float), ("top-k", int), ("top-p", float), ("min-p", float),
+                       ("repetition-penalty", float)]:
+        p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=None, help="stop at this text (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = _Parser(prog="lmgen", description="Generate text with causal language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text")
     gen.add_argument("prompt", nargs="?", default=SEED_PROMPT, help="the text to continue ('-' reads stdin)")
-    gen.add_argument("--model", default=None,
-                     help="model folder, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    mode = gen.add_mutually_exclusive_group()
-    mode.add_argument("--sample", dest="do_sample", action="store_true", help="sample by the probabilities")
-    mode.add_argument("--greedy", dest="do_sample", action="store_false",
-                      help="always take the most likely token (default)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
+    _model_args(gen)
+    _decoding_args(gen)
     gen.add_argument("-n", "--num-return-sequences", type=int, default=1)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    gen.add_argument("--device", default=None, help="cpu, cuda, ...")
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--json", action="store_true", help="print JSON (JSON lines with --stream)")
+    gen.add_argument("--stream", action="store_true", help="with --json: one JSON line per token")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="N", help="with --json: top-N logprobs per token")
+
+    probs = sub.add_parser("probs", help="show the next-token distribution")
+    probs.add_argument("prompt", nargs="?", default=SEED_PROMPT, help="the text ('-' reads stdin)")
+    _model_args(probs)
+    probs.add_argument("--top", type=int, default=10, help="how many tokens to show")
+    probs.add_argument("--plot", metavar="FILE.png", help="also draw a bar chart")
+    probs.add_argument("--json", action="store_true")
+
+    score = sub.add_parser("score", help="per-token log-probabilities and perplexity of a text")
+    score.add_argument("text", nargs="?", help="the text ('-' reads stdin)")
+    score.add_argument("--file", help="read the text from this file")
+    _model_args(score)
+    score.add_argument("--json", action="store_true")
+
+    chat = sub.add_parser("chat", help="chat with an instruct model (/reset, /quit)")
+    _model_args(chat)
+    _decoding_args(chat)
+    chat.add_argument("--message", help="answer this one message and exit")
+    chat.add_argument("--system", help="a system message")
+
+    models = sub.add_parser("models", help="list the embedded model and the models in the Hugging Face cache")
+    models.add_argument("--json", action="store_true")
+    info = sub.add_parser("info", help="describe a model")
+    info.add_argument("model", nargs="?", default=None, help="folder, .gguf or Hub id (default: embedded)")
+    info.add_argument("--json", action="store_true")
+    info.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 model not found, 2 bad input)."""
+    """Run the CLI; returns the exit code (0 ok, 1 model not found, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    from . import commands
+
     try:
-        return _generate(args)
+        return getattr(commands, args.command)(args) or 0
     except ModelNotFoundError as e:
         sys.stderr.write(f"lmgen: {e}\n")
         return 1
-    except (LmgenError, ValueError) as e:
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+    except (LmgenError, ValueError, OSError) as e:
         sys.stderr.write(f"lmgen: error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stdout.write("\n")
+        sys.stderr.write("\nlmgen: interrupted\n")
         return 130
-
-
-def _generate(args) -> int:
-    from .loading import load
-
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    params = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    from .params import GenerationConfig
-
-    GenerationConfig(num_return_sequences=args.num_return_sequences, **params)  # bad values fail before loading
-    lm = load(args.model, dtype=args.dtype, device=args.device)
-    for i in range(args.num_return_sequences):
-        if args.num_return_sequences > 1:
-            sys.stdout.write(f"--- sequence {i + 1} ---\n")
-        seed = None if args.seed is None else args.seed + i  # as generate(num_return_sequences=n) seeds them
-        sys.stdout.write(prompt)
-        for piece in lm.stream(prompt, **{**params, "seed": seed}):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    return 0
 
 
 if __name__ == "__main__":

