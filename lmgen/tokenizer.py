@@ -166,8 +166,9 @@ def bpe_tokenizer(vocab_json: Path, merges_txt: Path, *, special_tokens: Sequenc
 
 
 def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], pre_tokenizer,
-                special_tokens: Sequence[str] = ()) -> tokenizers.Tokenizer:
-    tok = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+                special_tokens: Sequence[str] = (), ignore_merges: bool = False) -> tokenizers.Tokenizer:
+    """A byte-level BPE tokenizer (GPT-2 style) from a vocabulary and merges."""
+    tok = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     # Special tokens are matched whole in the raw text, so "<|endoftext|>" is one token, never split.

@@ -186,6 +186,7 @@ def test_gguf_llama3_split_matches_transformers(smollm_metadata):
     # The Llama 3 regex on SmolLM2's vocabulary: the same plumbing transformers uses for "llama-bpe".
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
     tok = tokenizer_from_gguf(dict(smollm_metadata, **{"tokenizer.ggml.pre": "llama-bpe"}))
+    assert tok.backend.model.ignore_merges and not tokenizer_from_gguf(smollm_metadata).backend.model.ignore_merges
     ref, _ = mapping.convert_gguf_tokenizer("llama", {
         "tokenizer_type": "gpt2", "pre_tokenizer_type": "llama-bpe", "tokens": smollm_metadata["tokenizer.ggml.tokens"],
         "token_type": smollm_metadata["tokenizer.ggml.token_type"], "merges": smollm_metadata["tokenizer.ggml.merges"]})

@@ -18,7 +18,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {name: _LLAMA3_SPLIT for name in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")}
+_LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")
+_SPLITS = {name: _LLAMA3_SPLIT for name in _LLAMA3_NAMES}
 _SPLITS.update({name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")})
 # These isolate every digit, then split like GPT-2 (llama.cpp's regex_exprs for them).
 _DIGIT_SPLIT = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
@@ -37,8 +38,11 @@ def tokenizer_from_gguf(metadata: dict[str, object]) -> Tokenizer:
         raise CorruptFileError(f"GGUF metadata: {len(tokens)} tokens but {len(types)} token types")
     vocab = {t: i for i, t in enumerate(tokens)}
     if model == "gpt2":
+        pre = metadata.get("tokenizer.ggml.pre")
+        # Llama 3 vocabularies take a whole pre-token that is in the vocabulary before merging
+        # (llama.cpp's ignore_merges; "ignore_merges": true in their tokenizer.json).
         backend = byte_level_bpe(vocab, _merges(_required(metadata, "tokenizer.ggml.merges")),
-                              _gguf_pre_tokenizer(metadata.get("tokenizer.ggml.pre")))
+                                 _gguf_pre_tokenizer(pre), ignore_merges=pre in _LLAMA3_NAMES)
     else:
         backend = _sentencepiece(metadata, tokens, vocab)
 
