@@ -119,10 +119,10 @@ class LM:
         if config.num_beams > 1:
             results = [g for ids in prompts for g in self._beam_search(ids, config)]
         else:
-            seqs = self._sequences(prompts, config)
+            seqs = self.sequences(prompts, config)
             for _ in self._run(seqs):
                 pass
-            results = [self._result(s) for s in seqs]
+            results = [self.result(s) for s in seqs]
         if config.prompt_logprobs is not None:
             per_prompt = {id(ids): self.prompt_logprobs(ids, config.prompt_logprobs) for ids in prompts}
             for g in results:
@@ -141,13 +141,13 @@ class LM:
         config = GenerationConfig.from_params(config, **params)
         if config.num_return_sequences != 1 or config.num_beams != 1 or _is_prompt_list(prompt):
             raise ValueError("streaming takes one prompt, with num_return_sequences=1 and num_beams=1")
-        seqs = self._sequences([self.encode(prompt)], config)
+        seqs = self.sequences([self.encode(prompt)], config)
         for step in self._run(seqs):
             for s, token, piece in step:
-                done = self._result(s) if s.finish_reason else None
+                done = self.result(s) if s.finish_reason else None
                 yield StreamEvent(token, piece, s.logprobs[-1] if s.logprobs else None, done)
         if not seqs[0].tokens:  # finished before its first token (max_new_tokens=0)
-            yield StreamEvent(None, "", None, self._result(seqs[0]))
+            yield StreamEvent(None, "", None, self.result(seqs[0]))
 
     @torch.inference_mode()
     def prompt_logprobs(self, prompt: Prompt, top_n: int = 0) -> list[TokenLogprob | None]:
@@ -166,7 +166,8 @@ class LM:
         total = float(token_lp.sum())
         return Score(ids, token_lp.tolist(), total, math.exp(-total / (len(ids) - 1)))
 
-    def _sequences(self, prompts: list[list[int]], config: GenerationConfig) -> list[Sequence]:
+    def sequences(self, prompts: list[list[int]], config: GenerationConfig) -> list[Sequence]:
+        """Sequence objects for the prompts, num_return_sequences each, seeded seed + index."""
         seqs = []
         base_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()))
         for ids in prompts:
@@ -214,7 +215,8 @@ class LM:
             c = self._cache = KVCache.for_model(self.model, n_slots, length)
         return c
 
-    def _result(self, s: Sequence) -> Generation:
+    def result(self, s: Sequence) -> Generation:
+        """The Generation a finished (or running) sequence has produced."""
         return Generation(s.text.text if s.text else "", list(s.tokens), s.finish_reason, s.prompt,
                           stop_reason=s.stop_reason, logprobs=s.logprobs)
 
