@@ -242,3 +242,16 @@ def test_tracker_releases_a_trailing_partial_character_at_the_end(smollm):
     tracker = TextTracker(tok.detokenizer(), ["zzz"])
     pieces = [tracker.add(i) for i in partial] + [tracker.finish()]
     assert "".join(pieces) == tok.decode(partial) and pieces[-1].endswith("\ufffd")
+
+
+def test_beam_search_through_generate(tiny_gpt2):
+    outs = tiny_gpt2.generate(SEED_PROMPT, num_beams=4, num_return_sequences=2, max_new_tokens=8)
+    assert len(outs) == 2 and all(o.score is not None for o in outs) and outs[0].score >= outs[1].score
+    assert outs[0].text == tiny_gpt2.tokenizer.decode(
+        outs[0].token_ids[:-1] if outs[0].finish_reason == "stop" else outs[0].token_ids)
+    eos = outs[0].token_ids[2]
+    lm = LM(tiny_gpt2.model, tiny_gpt2.tokenizer, eos_token_ids=(eos,))
+    stopped = lm.generate(SEED_PROMPT, num_beams=4, max_new_tokens=8)[0]
+    ignored = lm.generate(SEED_PROMPT, num_beams=4, max_new_tokens=8, ignore_eos=True)[0]
+    assert ignored.finish_reason == "length" and len(ignored.token_ids) == 8
+    assert stopped.token_ids != ignored.token_ids
