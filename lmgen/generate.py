@@ -49,8 +49,8 @@ class Sequence:
     def __init__(self, prompt: list[int], config: GenerationConfig, generator: torch.Generator | None = None,
                  eos_ids: Seq[int] = (), text: TextTracker | None = None):
         self.prompt, self.config, self.generator = prompt, config, generator
-        eos = config.eos_token_id if config.eos_token_id is not None else list(eos_ids)
-        self.eos = set() if config.ignore_eos else set(eos)
+        eos = config.stop_token_ids(eos_ids)
+        self.eos = set(eos)
         self.processors = sampling.build_processors(config, len(prompt), eos)
         self.text = text
         self.slot = -1

@@ -196,8 +196,7 @@ class LM:
 
         max_length = self._max_length([len(ids)], config)
         cache = self._cache_for(config.num_beams, max_length)
-        eos = config.eos_token_id if config.eos_token_id is not None else list(self.eos_token_ids)
-        eos = [] if config.ignore_eos else eos
+        eos = config.stop_token_ids(self.eos_token_ids)
         processors = sampling.build_processors(config, len(ids), eos)
         beams = beam_search(self.model, cache, ids, config, eos, max_length, processors)
         out = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 MAX_STOP_STRINGS = 16
@@ -78,6 +79,12 @@ class GenerationConfig:
             raise TypeError(f"unknown generation parameter(s): {', '.join(unknown)}")
         values = {f.name: getattr(base, f.name) for f in fields(cls)} if base else {}
         return cls(**{**values, **params})
+
+    def stop_token_ids(self, model_eos: Sequence[int]) -> list[int]:
+        """The token ids that end a sequence: eos_token_id, else the model's; none with ignore_eos."""
+        if self.ignore_eos:
+            return []
+        return list(self.eos_token_id if self.eos_token_id is not None else model_eos)
 
     @property
     def sampling(self) -> bool:
