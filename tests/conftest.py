@@ -25,6 +25,15 @@ def write_gpt2_tokenizer(folder: Path) -> None:
     shutil.copy(data / "vocab.bpe", folder / "merges.txt")
 
 
+def save(model, folder: Path, safetensors: bool) -> None:
+    """save_pretrained, or an old-style pytorch_model.bin (transformers 5 writes safetensors regardless)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    if not safetensors:
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+
+
 def make_tiny_gpt2(folder: Path, *, safetensors: bool = True, seed: int = 0) -> Path:
     """A random 2-layer GPT-2 with the real 50257-token vocabulary."""
     import transformers
@@ -40,8 +49,7 @@ def make_tiny_gpt2(folder: Path, *, safetensors: bool = True, seed: int = 0) -> 
                 p.normal_(0, 0.2)
             elif name.endswith("bias"):
                 p.normal_(0, 0.02)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=safetensors)
+    save(model, folder, safetensors)
     write_gpt2_tokenizer(folder)
     return folder
 
@@ -60,8 +68,7 @@ def make_tiny_llama(folder: Path, *, safetensors: bool = True, seed: int = 0, **
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(1, 0.1)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=safetensors)
+    save(model, folder, safetensors)
     write_gpt2_tokenizer(folder)
     return folder
 

@@ -155,3 +155,32 @@ class TestBadGenerationParameters:
     def test_prompt_longer_than_the_context(self, tiny_gpt2):
         with pytest.raises(ValueError, match="context is 256"):
             tiny_gpt2.generate([464] * 300)
+
+
+def test_hub_download_falls_back_to_pytorch_bin(tmp_path, monkeypatch, tiny_gpt2_dir):
+    # A stand-in for the Hub: an online repo that has only pytorch_model.bin, not cached yet.
+    import huggingface_hub
+
+    from lmgen.weights import hf
+
+    from .conftest import make_tiny_gpt2
+
+    repo = make_tiny_gpt2(tmp_path / "repo", safetensors=False)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, local_files_only=False):
+        calls.append((local_files_only, "pytorch_model*.bin" in allow_patterns))
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        out = tmp_path / f"snapshot{len(calls)}"
+        out.mkdir()
+        for f in repo.iterdir():
+            if f.suffix != ".bin" or "pytorch_model*.bin" in allow_patterns:
+                (out / f.name).write_bytes(f.read_bytes())
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    path = hf.hub_snapshot("someorg/bin-only")
+    assert calls == [(True, False), (False, False), (False, True)]
+    assert (path / "pytorch_model.bin").is_file()

@@ -80,22 +80,32 @@ def _read_torch_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def hub_snapshot(repo_id: str) -> Path:
     """A Hub model's folder: from the local Hugging Face cache, else downloaded when online."""
+    from huggingface_hub import snapshot_download
+
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - it is a dependency
-        raise ModelNotFoundError(f"{repo_id!r} is not a local path, and huggingface_hub is not installed") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS, local_files_only=True))
+        path = Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS, local_files_only=True))
+        if _has_weights(path):
+            return path
     except Exception:
-        pass  # not cached (or only partly): try the network below
+        pass  # not cached, or only partly: try the network below
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         reason = "HF_HUB_OFFLINE is set"
     else:
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS))
+            path = Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS))
+            if not _has_weights(path):  # an older repo with only pytorch_model.bin
+                path = Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS + ["pytorch_model*.bin"]))
+            return path
         except Exception as e:
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     raise ModelNotFoundError(
         f"model {repo_id!r} is not a local path and is not in the Hugging Face cache, and could not be "
         f"downloaded ({reason}). On a machine with internet run `huggingface-cli download {repo_id}` "
         "(or copy its folder here), then pass that folder or the Hub id again; or pass a .gguf file.")
+
+
+def _has_weights(folder: Path) -> bool:
+    try:
+        return bool(weight_files(folder))
+    except ModelNotFoundError:
+        return False
