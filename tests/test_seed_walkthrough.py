@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import torch
 
 import lmgen
@@ -59,8 +62,10 @@ def test_weighted_sampling_draws_like_the_notebook(tiny_gpt2):
     out = tiny_gpt2.generate(SEED_PROMPT, do_sample=True, max_new_tokens=8, seed=7)[0]
     gen = torch.Generator().manual_seed(7)
     ids = list(SEED_IDS)
-    for _ in range(8):  # random.choices(indices, weights=probs), with a seeded torch generator
-        ids.append(int(torch.multinomial(tiny_gpt2.next_token_probs(ids), 1, generator=gen)))
+    for _ in range(8):  # random.choices(indices, weights=probs): bisect a uniform draw in the cumulative weights
+        cum = list(itertools.accumulate(tiny_gpt2.next_token_probs(ids).double().tolist()))
+        u = float(torch.rand((1,), generator=gen, dtype=torch.float64)) * cum[-1]
+        ids.append(bisect.bisect(cum, u))
     assert SEED_IDS + out.token_ids == ids
     again = tiny_gpt2.generate(SEED_PROMPT, do_sample=True, max_new_tokens=8, seed=7)[0]
     assert again.token_ids == out.token_ids
