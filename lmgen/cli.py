@@ -1,4 +1,4 @@
-"""The `lmgen` command line: generate, probs, score, chat, models, info."""
+"""The `lmgen` command line: generate, probs, score, chat, serve, models, info."""
 
 from __future__ import annotations
 
@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_args(chat)
     chat.add_argument("--message", help="answer this one message and exit")
     chat.add_argument("--system", help="a system message")
+
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-concurrent", type=int, default=8, help="sequences decoded together (slots)")
+    serve.add_argument("--max-waiting", type=int, default=64, help="requests queued before answering 429")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="most tokens (prompt + max_tokens) per sequence (default: min(context, 2048))")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $LMGEN_API_KEY, else none)")
+    serve.add_argument("--max-n", type=int, default=8, help="most choices (n) per request")
 
     models = sub.add_parser("models", help="list the embedded model and the models in the Hugging Face cache")
     models.add_argument("--json", action="store_true")

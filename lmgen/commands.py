@@ -234,6 +234,24 @@ def chat(args) -> int:
                 sys.stdout.write("(stopped)\n")
 
 
+def serve(args) -> int:
+    """lmgen serve: an OpenAI-compatible HTTP server until SIGINT/SIGTERM."""
+    import os
+
+    for name in ("port", "max_concurrent", "max_waiting", "max_model_len", "max_n"):
+        value = getattr(args, name)
+        low = 0 if name == "port" else 1
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LMGEN_API_KEY") or None
+    lm = _load(args)
+    from .server import serve as run
+
+    run(lm, host=args.host, port=args.port, max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
+        max_model_len=args.max_model_len, api_key=api_key, max_n=args.max_n)
+    return 0
+
+
 def models(args) -> int:
     """lmgen models: the embedded default and the model repos in the local Hugging Face cache."""
     from .errors import ModelNotFoundError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import itertools
 import threading
@@ -17,6 +18,27 @@ from .errors import LmgenError
 from .generate import Generation, Sequence, TokenLogprob, decode_step, prefill
 from .lm import LM
 from .params import GenerationConfig
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    """Fixed buckets, their counts and a sum: constant memory however long the engine runs."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> dict:
+        """A copy for reporting: buckets, counts (the last is +Inf), sum and count."""
+        return {"buckets": self.buckets, "counts": list(self.counts), "sum": self.sum, "count": sum(self.counts)}
 
 
 class EngineFull(LmgenError):
@@ -91,15 +113,18 @@ class Request:
             self._done = self._done or done
             self._cond.notify_all()
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._wakeup.set)
+                try:
+                    self._loop.call_soon_threadsafe(self._wakeup.set)
+                except RuntimeError:  # the consumer's event loop is gone: nobody is listening
+                    self.cancelled = True
 
 
 class Engine:
     """Iteration-level scheduler over a slot cache: prefill newcomers, then one decode step for everyone."""
 
     def __init__(self, lm: LM, *, max_concurrent: int = 8, max_waiting: int = 64, max_model_len: int | None = None):
-        if max_concurrent < 1 or max_waiting < 0:
-            raise ValueError("max_concurrent must be >= 1 and max_waiting >= 0")
+        if max_concurrent < 1 or max_waiting < 1:
+            raise ValueError("max_concurrent and max_waiting must be >= 1")
         self.lm = lm
         self.max_concurrent, self.max_waiting = max_concurrent, max_waiting
         self.max_model_len = min(lm.context_length, max_model_len or 2048)
@@ -111,8 +136,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stats = dict(steps=0, batched_steps=0, max_batch=0, prompt_tokens=0, generated_tokens=0,
                            requests_finished=0, requests_cancelled=0, requests_failed=0)
-        self._ttft: list[float] = []
-        self._itl: list[float] = []
+        self._ttft, self._itl = Histogram(TTFT_BUCKETS), Histogram(ITL_BUCKETS)
 
     def start(self) -> None:
         """Start the scheduler thread."""
@@ -145,8 +169,8 @@ class Engine:
         with self._cond:
             running = sum(1 for r in self._running for s in r.seqs if s.finish_reason is None)
             waiting = sum(r.n for r in self._waiting)
-            return dict(self._stats, running=running, waiting=waiting, ttft_seconds=list(self._ttft),
-                        itl_seconds=list(self._itl))
+            return dict(self._stats, running=running, waiting=waiting, ttft=self._ttft.snapshot(),
+                        itl=self._itl.snapshot())
 
     def stop(self) -> None:
         """Stop the scheduler; running and waiting requests end with an error event."""
@@ -235,9 +259,9 @@ class Engine:
         for index, row in logits.items():
             s = request.seqs[index]
             if not s.tokens:
-                self._ttft.append(now - request.submitted)
+                self._ttft.observe(now - request.submitted)
             else:
-                self._itl.append(now - request.last_token_time[index])
+                self._itl.observe(now - request.last_token_time[index])
             request.last_token_time[index] = now
             piece = s.advance(row, self.max_model_len)
             self._stats["generated_tokens"] += 1

@@ -144,7 +144,7 @@ _CHECKS = {
     "num_beams": (lambda x: _int(x) and x >= 1, "an integer >= 1"),
     "length_penalty": (_num, "a finite number"),
     "early_stopping": (lambda x: isinstance(x, bool) or x == "never", "True, False or 'never'"),
-    "seed": (_optional(_int), "None or an integer"),
+    "seed": (_optional(lambda x: _int(x) and -2**63 <= x < 2**63), "None or an integer in [-2**63, 2**63)"),
     "weighted": (lambda x: isinstance(x, bool), "True or False"),
     "logprobs": (_optional(lambda x: _int(x) and 0 <= x <= MAX_LOGPROBS), f"None or an integer in [0, {MAX_LOGPROBS}]"),
     "logprobs_mode": (lambda x: x in ("raw", "processed"), "'raw' or 'processed'"),

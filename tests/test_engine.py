@@ -64,7 +64,8 @@ def test_concurrent_requests_share_steps_and_match_lone_runs(engine, tiny_gpt2):
     assert stats["batched_steps"] > 0 and stats["max_batch"] > 1
     assert stats["requests_finished"] == len(REQUESTS) and stats["running"] == 0
     assert stats["generated_tokens"] == sum(len(g.token_ids) for r in results for g in r)
-    assert len(stats["ttft_seconds"]) == sum(c.num_return_sequences for _, c in REQUESTS)
+    assert stats["ttft"]["count"] == sum(c.num_return_sequences for _, c in REQUESTS)
+    assert stats["itl"]["count"] == stats["generated_tokens"] - stats["ttft"]["count"]
     assert engine.cache.free_slots == engine.cache.n_slots
 
 

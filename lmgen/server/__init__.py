@@ -1,0 +1,34 @@
+"""`lmgen serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine."""
+
+from __future__ import annotations
+
+import sys
+
+from ..engine import Engine
+from ..lm import LM
+from .app import create_app
+
+__all__ = ["create_app", "serve"]
+
+
+def serve(lm: LM, *, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 8, max_waiting: int = 64,
+          max_model_len: int | None = None, api_key: str | None = None, max_n: int = 8,
+          max_body: int = 1 << 20, log_level: str = "info") -> None:
+    """Serve `lm` until SIGINT/SIGTERM; running streams then end with an error chunk instead of hanging."""
+    import uvicorn
+
+    engine = Engine(lm, max_concurrent=max_concurrent, max_waiting=max_waiting, max_model_len=max_model_len)
+    app = create_app(engine, api_key=api_key, max_n=max_n, max_body=max_body)
+    state = app.state.lmgen
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # uvicorn waits for open responses before shutting down: end the streams first.
+            super().handle_exit(sig, frame)
+            state.begin_shutdown()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    sys.stderr.write(f"lmgen: serving {state.model_id} at http://{host}:{port}/v1 "
+                     f"({max_concurrent} slots, max length {engine.max_model_len})\n")
+    Server(config).run()

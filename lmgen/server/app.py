@@ -1,0 +1,470 @@
+"""The OpenAI-compatible HTTP API: FastAPI routes over the continuous-batching engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Engine, EngineFull
+from ..errors import LmgenError
+from ..params import MAX_STOP_STRINGS, GenerationConfig
+from .errors import APIError, from_validation_errors, from_value_error
+from .gate import Gate
+from .metrics import Metrics
+from .output import Choice, TokenStrings, chat_logprobs, completion_logprobs, usage
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelList,
+    SamplingRequest,
+)
+
+MAX_PROMPTS = 64  # prompts in one completions request
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+
+
+class ServerState:
+    """What the routes share: the engine, the served model's names, the limits and the metrics."""
+
+    def __init__(self, engine: Engine, *, model_id: str | None, api_key: str | None, max_n: int, max_body: int):
+        self.engine, self.lm = engine, engine.lm
+        self.model_id = model_id or self.lm.name
+        self.names = {self.model_id, self.lm.name, Path(self.lm.name).name}
+        self.api_key, self.max_n, self.max_body = api_key, max_n, max_body
+        self.metrics = Metrics()
+        self.strings = TokenStrings(self.lm.tokenizer)
+        self.created = int(time.time())
+        self.shutting_down = False
+        self._stopper: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def begin_shutdown(self) -> None:
+        """Stop the engine (once, off the event loop): running requests end with an error event."""
+        with self._lock:
+            self.shutting_down = True
+            if self._stopper is None:
+                self._stopper = threading.Thread(target=self.engine.stop, name="lmgen-stop", daemon=True)
+                self._stopper.start()
+
+    def wait_stopped(self, timeout: float = 30) -> None:
+        """Wait for begin_shutdown's engine.stop() to return."""
+        if self._stopper is not None:
+            self._stopper.join(timeout)
+
+    def check_model(self, name: str | None) -> None:
+        """404 unless the request names the served model (or none)."""
+        if name is not None and name not in self.names:
+            raise APIError(404, f"The model '{name}' does not exist: this server serves '{self.model_id}'.",
+                           param="model", code="model_not_found")
+
+    def config(self, body: SamplingRequest, max_tokens: int, logprobs: int | None,
+               prompt_lengths: list[int]) -> GenerationConfig:
+        """The GenerationConfig for a request, after the server's own limits; 400 naming the field otherwise."""
+        if body.n > self.max_n:
+            raise APIError(400, f"n must be at most {self.max_n} on this server, got {body.n}", param="n")
+        limit, longest = self.engine.max_model_len, max(prompt_lengths)
+        if longest + max_tokens > limit:
+            raise APIError(400, f"The prompt has {longest} tokens and max_tokens is {max_tokens}: together "
+                                f"{longest + max_tokens}, more than this model's maximum length of {limit} tokens.",
+                           param="max_tokens")
+        temperature = 1.0 if body.temperature is None else body.temperature
+        top_k = body.top_k if body.top_k and body.top_k > 0 else None
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        if stop and len(stop) > MAX_STOP_STRINGS:
+            raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
+        eos = None
+        if body.stop_token_ids:
+            self._check_ids(body.stop_token_ids, "stop_token_ids")
+            eos = list(self.lm.eos_token_ids) + body.stop_token_ids
+        params = dict(
+            max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+            top_p=body.top_p, top_k=top_k, min_p=body.min_p, typical_p=body.typical_p,
+            epsilon_cutoff=body.epsilon_cutoff, eta_cutoff=body.eta_cutoff, repetition_penalty=body.repetition_penalty,
+            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+            no_repeat_ngram_size=body.no_repeat_ngram_size or None, min_new_tokens=body.min_tokens,
+            ignore_eos=body.ignore_eos, stop=stop,
+            include_stop_str_in_output=body.include_stop_str_in_output, num_return_sequences=body.n,
+            seed=body.seed, logprobs=logprobs, logit_bias=self._logit_bias(body.logit_bias), eos_token_id=eos)
+        try:
+            return GenerationConfig(**params)
+        except ValueError as e:
+            raise from_value_error(e) from None
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        bad = [i for i in ids if not 0 <= i < self.lm.vocab_size]
+        if bad:
+            raise APIError(400, f"{param} must be token ids in [0, {self.lm.vocab_size}), got {bad[:5]}", param=param)
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        # OpenAI sends the token ids as JSON object keys, so as strings.
+        if not bias:
+            return None
+        out = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids (integers), got {key!r}",
+                               param="logit_bias") from None
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for token {key}",
+                               param="logit_bias")
+            out[token] = value
+        self._check_ids(list(out), "logit_bias")
+        return out
+
+    def submit(self, prompts: list[list[int]], config: GenerationConfig) -> list:
+        """One engine request per prompt; 429 (Retry-After) when the queue is full, 503 when shutting down."""
+        if self.shutting_down:
+            raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
+        requests = []
+        try:
+            for ids in prompts:
+                requests.append(self.engine.submit(ids, config))
+        except ValueError as e:
+            cancel(requests)
+            raise from_value_error(e) from None
+        except EngineFull as e:
+            cancel(requests)
+            if self.shutting_down:
+                raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
+            raise APIError(429, f"The server is busy ({e}); retry shortly.", type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+        return requests
+
+    def failure(self, error: str) -> APIError:
+        """The error for a request the engine ended with an error event."""
+        if self.shutting_down:
+            return APIError(503, f"Generation stopped: {error}.", type="server_error", code="shutting_down")
+        return APIError(500, f"Generation failed: {error}.", type="server_error")
+
+
+def cancel(requests) -> None:
+    """Cancel engine requests (a no-op for finished ones)."""
+    for r in requests:
+        r.cancel()
+
+
+async def merged(requests) -> AsyncIterator[tuple[int, object]]:
+    """(request index, event) from several engine requests as they come."""
+    if len(requests) == 1:
+        async for event in requests[0].aevents():
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k, r):
+        try:
+            async for event in r.aevents():
+                queue.put_nowait((k, event))
+        finally:
+            queue.put_nowait((k, None))
+
+    tasks = [asyncio.create_task(pump(k, r)) for k, r in enumerate(requests)]
+    try:
+        left = len(tasks)
+        while left:
+            k, event = await queue.get()
+            if event is None:
+                left -= 1
+            else:
+                yield k, event
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose engine requests are cancelled however the response ends (client gone too)."""
+
+    def __init__(self, content, requests):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.requests = requests
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            cancel(self.requests)
+
+
+def sse(obj) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+async def collect(state: ServerState, requests, choices: list[Choice], n: int, http: Request) -> bool:
+    """Feed every event into its choice; False when the client left first (its requests are cancelled)."""
+    async def consume():
+        async for k, event in merged(requests):
+            if event.error:
+                raise state.failure(event.error)
+            choices[k * n + event.index].add(event)
+
+    task = asyncio.create_task(consume())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            # A non-streaming client that hangs up would otherwise hold its slots until the end.
+            if not task.done() and await http.is_disconnected():
+                return False
+        task.result()
+        return True
+    finally:
+        task.cancel()
+        cancel(requests)
+
+
+def _base(state: ServerState, prefix: str, obj: str) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": state.model_id}
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, max_body: int = 1 << 20,
+               model_id: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`'s model; it starts the engine and stops it at shutdown."""
+    state = ServerState(engine, model_id=model_id, api_key=api_key, max_n=max_n, max_body=max_body)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        state.begin_shutdown()
+        await asyncio.to_thread(state.wait_stopped)
+
+    app = FastAPI(title="lmgen", version="0.1.0", lifespan=lifespan,
+                  description="An OpenAI-compatible API for a local model, with continuous batching.")
+    app.state.lmgen = state
+    app.add_middleware(Gate, state=state)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        return from_validation_errors(list(e.errors())).response()
+
+    @app.exception_handler(ValidationError)
+    async def _invalid_model(request, e: ValidationError):
+        return from_validation_errors(list(e.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        return APIError(e.status_code, str(e.detail), code=code, headers=getattr(e, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e: Exception):  # a bug in a route: one 500, the server goes on
+        return APIError(500, f"Internal error: {type(e).__name__}: {e}", type="server_error").response()
+
+    @app.get("/health", summary="Liveness: 200 while the server accepts requests, 503 while it shuts down")
+    async def health():
+        """Whether the server is up."""
+        if state.shutting_down:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return {"status": "ok", "model": state.model_id}
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             summary="Prometheus metrics: requests by status, tokens, running/waiting sequences, latencies")
+    async def metrics():
+        """Prometheus text format."""
+        return PlainTextResponse(state.metrics.render(engine.stats()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, summary="The served model")
+    async def models():
+        """The one model this server serves."""
+        return {"object": "list", "data": [_card(state)]}
+
+    @app.get("/v1/models/{model}", responses=ERRORS, summary="One model by id")
+    async def model(model: str):
+        """The served model, or 404."""
+        state.check_model(model)
+        return _card(state)
+
+    @app.post("/v1/completions", summary="Continue a prompt (OpenAI completions)",
+              responses={200: {"model": CompletionResponse,
+                               "content": {"text/event-stream": {}}}, **ERRORS})
+    async def completions(body: CompletionRequest, request: Request):
+        """Complete one or several prompts; `stream: true` sends text_completion chunks as server-sent events."""
+        state.check_model(body.model)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, f"best_of must equal n (or be left out), got {body.best_of}", param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        prompt = body.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
+        try:
+            ids = await asyncio.to_thread(lambda: [state.lm.encode(p) for p in prompts])
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        config = state.config(body, max_tokens, body.logprobs, [len(i) for i in ids])
+        echoes = [(p if isinstance(p, str) else state.lm.tokenizer.decode(i)) if body.echo else ""
+                  for p, i in zip(prompts, ids)]
+        n = body.n
+        choices = [Choice(k * n + j, echoes[k]) for k in range(len(ids)) for j in range(n)]
+        prompt_tokens = sum(len(i) for i in ids)
+        requests = state.submit(ids, config)
+        base = _base(state, "cmpl", "text_completion")
+        with_logprobs = body.logprobs is not None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventStream(_stream_completion(state, requests, choices, n, base, prompt_tokens, with_logprobs,
+                                                  include_usage), requests)
+        if not await collect(state, requests, choices, n, request):
+            return Response(status_code=499)
+        return JSONResponse(dict(base, choices=[
+            {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+             "logprobs": completion_logprobs(c.logprobs, state.strings) if with_logprobs else None}
+            for c in choices], usage=usage(prompt_tokens, choices)))
+
+    @app.post("/v1/chat/completions", summary="Answer a conversation (OpenAI chat completions)",
+              responses={200: {"model": ChatCompletionResponse,
+                               "content": {"text/event-stream": {}}}, **ERRORS})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        """Answer through the model's chat template; `stream: true` sends chat.completion.chunk events."""
+        state.check_model(body.model)
+        if body.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, 'only response_format {"type": "text"} is supported', param="response_format")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content
+            if isinstance(content, list):
+                if any(part.type != "text" or part.text is None for part in content):
+                    raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content")
+                content = "".join(part.text for part in content)
+            role = "system" if m.role == "developer" else m.role  # chat templates predate "developer"
+            messages.append({"role": role, "content": content or "", **({"name": m.name} if m.name else {})})
+        try:
+            ids = await asyncio.to_thread(_chat_ids, state.lm, messages)
+        except (LmgenError, ValueError) as e:
+            raise APIError(400, str(e), param="messages") from None
+        limit = engine.max_model_len
+        max_tokens = body.max_completion_tokens or body.max_tokens or limit - len(ids)
+        if max_tokens < 1:
+            raise APIError(400, f"The messages take {len(ids)} tokens, leaving no room to answer in this model's "
+                                f"maximum length of {limit} tokens.", param="messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        config = state.config(body, max_tokens, logprobs, [len(ids)])
+        n = body.n
+        choices = [Choice(j) for j in range(n)]
+        requests = state.submit([ids], config)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            base = _base(state, "chatcmpl", "chat.completion.chunk")
+            return EventStream(_stream_chat(state, requests, choices, base, len(ids), body.logprobs,
+                                            include_usage), requests)
+        if not await collect(state, requests, choices, n, request):
+            return Response(status_code=499)
+        base = _base(state, "chatcmpl", "chat.completion")
+        return JSONResponse(dict(base, choices=[
+            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+             "logprobs": chat_logprobs(c.logprobs, state.strings) if body.logprobs else None}
+            for c in choices], usage=usage(len(ids), choices)))
+
+    def openapi():
+        # Invalid bodies get 400 in OpenAI's shape, never FastAPI's 422: keep the schema honest.
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+def _card(state: ServerState) -> dict:
+    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "lmgen",
+            "max_model_len": state.engine.max_model_len}
+
+
+def _chat_ids(lm, messages: list[dict]) -> list[int]:
+    if not lm.tokenizer.chat_template:
+        raise ValueError(f"{lm.name} has no chat template: use /v1/completions")
+    text = lm.tokenizer.apply_chat_template(messages)
+    return lm.encode(lm.tokenizer.encode(text, add_special_tokens=False))
+
+
+async def _stream_completion(state, requests, choices, n, base, prompt_tokens, with_logprobs, include_usage):
+    """text_completion chunks, then (optionally) usage, then [DONE]; an error event ends it with an error chunk."""
+    extra = {"usage": None} if include_usage else {}
+    for c in choices:
+        if c.text:  # echo: the prompt comes first
+            yield sse(dict(base, choices=[{"index": c.index, "text": c.text, "logprobs": None,
+                                           "finish_reason": None}], **extra))
+    async for k, event in merged(requests):
+        if event.error:
+            yield sse(state.failure(event.error).body())
+            yield DONE
+            return
+        c = choices[k * n + event.index]
+        added = c.add(event)
+        if not event.text and not added and event.generation is None:
+            continue  # a token whose text is held back (part of a character or of a stop string)
+        logprobs = completion_logprobs(added, state.strings) if with_logprobs else None
+        finish = c.finish_reason if event.generation is not None else None
+        yield sse(dict(base, choices=[{"index": c.index, "text": event.text, "logprobs": logprobs,
+                                       "finish_reason": finish}], **extra))
+    if include_usage:
+        yield sse(dict(base, choices=[], usage=usage(prompt_tokens, choices)))
+    yield DONE
+
+
+async def _stream_chat(state, requests, choices, base, prompt_tokens, with_logprobs, include_usage):
+    """chat.completion.chunk events: the role first, then content deltas, then each choice's finish_reason."""
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index, delta, logprobs=None, finish=None):
+        return sse(dict(base, choices=[{"index": index, "delta": delta, "logprobs": logprobs,
+                                        "finish_reason": finish}], **extra))
+
+    for c in choices:
+        yield chunk(c.index, {"role": "assistant", "content": ""})
+    async for _, event in merged(requests):
+        if event.error:
+            yield sse(state.failure(event.error).body())
+            yield DONE
+            return
+        c = choices[event.index]
+        added = c.add(event)
+        if event.text or added:
+            logprobs = chat_logprobs(added, state.strings) if with_logprobs else None
+            yield chunk(c.index, {"content": event.text}, logprobs)
+        if event.generation is not None:
+            yield chunk(c.index, {}, finish=c.finish_reason)
+    if include_usage:
+        yield sse(dict(base, choices=[], usage=usage(prompt_tokens, choices)))
+    yield DONE
