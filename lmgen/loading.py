@@ -88,7 +88,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         gguf = GGUFFile(path)
         config = gguf.config()
         tokenizer = tokenizer_from_gguf(gguf.metadata)
-        tensors, total = gguf.tensors(dt), len(gguf.reader.tensors)
+        tensors, total = gguf.tensors(dt), len(gguf.tensor_infos)
     if progress is not None:
         tensors = _counted(tensors, total, progress)
     model = build_model(config, tensors, dt, dev, source=path)

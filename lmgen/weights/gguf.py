@@ -6,10 +6,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import CorruptFileError, UnsupportedModelError
+from .gguf_format import GGUFParseError, read_gguf
 from .quants import dequantize
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face names, per architecture; {i} is the block.
@@ -59,14 +59,10 @@ class GGUFFile:
             raise CorruptFileError(f"{self.path}: cannot be read ({e.strerror})") from None
         if magic != b"GGUF":
             raise CorruptFileError(f"{self.path}: not a GGUF file (it does not start with b'GGUF')")
-        from gguf import GGUFReader
-
         try:
-            self.reader = GGUFReader(self.path)
-            self.metadata = {k: f.contents() for k, f in self.reader.fields.items()}
-        except Exception as e:  # the reader raises ValueError, IndexError, struct errors...
-            raise CorruptFileError(
-                f"{self.path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+            self.metadata, self.tensor_infos = read_gguf(self.path)
+        except (GGUFParseError, OSError, ValueError) as e:
+            raise CorruptFileError(f"{self.path}: truncated or corrupt GGUF file ({e})") from None
         self.arch = self.metadata.get("general.architecture")
 
     def config(self) -> dict:
@@ -79,7 +75,7 @@ class GGUFFile:
         def get(key, default=None):
             return m.get(f"{a}.{key}", default)
 
-        names = {t.name for t in self.reader.tensors}
+        names = {t.name for t in self.tensor_infos}
         vocab = get("vocab_size") or len(m.get("tokenizer.ggml.tokens", ()))
         common = dict(model_type=a, vocab_size=vocab, bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
                       eos_token_id=m.get("tokenizer.ggml.eos_token_id"))
@@ -108,13 +104,12 @@ class GGUFFile:
         """Yield (Hugging Face name, dequantized tensor) one at a time."""
         table = _name_table(TENSOR_NAMES[self.arch])
         cfg = self.config()
-        for t in self.reader.tensors:
+        for t in self.tensor_infos:
             hf = _hf_name(table, t.name)
             if hf is None:
                 raise UnsupportedModelError(f"{self.path}: unexpected tensor {t.name!r} for {self.arch}")
-            shape = tuple(int(n) for n in reversed(t.shape))
             try:
-                w = dequantize(np.asarray(t.data), int(t.tensor_type), shape, dtype=dtype)
+                w = dequantize(t.data, t.tensor_type, t.shape, dtype=dtype)
             except (UnsupportedModelError, CorruptFileError) as e:
                 raise type(e)(f"{self.path}: tensor {t.name}: {e}") from None
             if self.arch == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
