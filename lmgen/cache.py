@@ -20,6 +20,7 @@ class Step:
     mask: torch.Tensor
     kv_len: int
     slot_start: int | None  # first slot when the slots are a contiguous range, so reads are views
+    write_index: torch.Tensor | None = None  # rows of the flattened cache layer that this step writes
 
 
 def make_step(positions: torch.Tensor, cache: "KVCache | None", slots: list[int] | None) -> Step:
@@ -97,14 +98,19 @@ class KVCache:
         # there was written by this sequence, earlier or in this same step.
         mask = keys[None, None, None, :] <= positions[:, None, :, None]
         slot_t = torch.tensor(slots, device=device)
-        return Step(positions, slot_t, mask, kv_len, slots[0] if contiguous else None)
+        # Row (slot, head, position) of a layer viewed as [slots * heads * max_len, head_dim], in the
+        # order of k.reshape(-1, head_dim) for k [B, H, T, D]: one index_copy_ per layer writes them all.
+        heads = torch.arange(self.k.shape[2], device=device)
+        write = ((slot_t[:, None, None] * self.k.shape[2] + heads[None, :, None]) * self.max_len
+                 + positions[:, None, :]).flatten()
+        return Step(positions, slot_t, mask, kv_len, slots[0] if contiguous else None, write)
 
     def update(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, H, T, D] at the step's positions; return this batch's keys and values."""
         k_layer, v_layer = self.k[layer], self.v[layer]
-        idx = (step.slots[:, None], slice(None), step.positions)
-        k_layer[idx] = k.transpose(1, 2).to(k_layer.dtype)
-        v_layer[idx] = v.transpose(1, 2).to(v_layer.dtype)
+        d = k.shape[-1]
+        k_layer.view(-1, d).index_copy_(0, step.write_index, k.reshape(-1, d).to(k_layer.dtype))
+        v_layer.view(-1, d).index_copy_(0, step.write_index, v.reshape(-1, d).to(v_layer.dtype))
         if step.slot_start is not None:
             rows = slice(step.slot_start, step.slot_start + k.shape[0])
             return k_layer[rows, :, :step.kv_len], v_layer[rows, :, :step.kv_len]
