@@ -15,6 +15,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 from .errors import CorruptFileError, LmgenError, ModelNotFoundError
+from .weights.hf import read_json
 
 GPT2_EOS = "<|endoftext|>"
 
@@ -147,7 +148,7 @@ def _compile_template(source: str) -> jinja2.Template:
 
 def bpe_tokenizer(vocab_json: Path, merges_txt: Path, *, special_tokens: Sequence[str] = ()) -> tokenizers.Tokenizer:
     """A byte-level BPE tokenizer like transformers' GPT2TokenizerFast, from vocab.json and merges.txt."""
-    vocab = _read_json(vocab_json)
+    vocab = read_json(vocab_json)
     if not isinstance(vocab, dict):
         raise CorruptFileError(f"{vocab_json}: expected a JSON object of token -> id")
     try:
@@ -280,20 +281,10 @@ def _folder_chat_template(folder: Path, tok_config: dict) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: not valid JSON: {e}") from None
-
-
 def _read_json_if(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CorruptFileError(f"{path}: expected a JSON object")
     return data

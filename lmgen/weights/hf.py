@@ -14,12 +14,15 @@ from ..errors import CorruptFileError, ModelNotFoundError
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 
 
-def read_json(path: Path) -> dict:
-    """Parse a JSON file, naming it in the error when it is not valid JSON."""
+def read_json(path: Path):
+    """Parse a JSON file, naming it in the error when it is missing or not valid JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{path}: not valid JSON ({e})") from None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path}: not valid JSON: {e}") from None
 
 
 def read_config(folder: Path) -> dict:
