@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 PROMPT = "The quick brown fox jumped over"
-ENGINES = ["lmgen-float32", "lmgen-bfloat16", "transformers", "llama.cpp"]
+ENGINES = ["lmgen-float32", "lmgen-bfloat16", "lmgen-int4", "transformers", "llama.cpp"]
+AGREEMENT_TOKENS = 128  # greedy tokens on the seed prompt compared with lmgen-float32
 
 
 def gguf_path() -> Path:
@@ -33,13 +34,15 @@ def long_prompt(n: int) -> str:
     return " ".join(["The quick brown fox jumped over the lazy dog."] * (n // 10 + 1))
 
 
-def run_lmgen(dtype: str, tokens: int) -> dict:
+def run_lmgen(variant: str, tokens: int) -> dict:
     t0 = time.perf_counter()
     import lmgen
 
-    lm = lmgen.load(dtype=dtype)
+    quantize = variant if variant == "int4" else None
+    lm = lmgen.load(dtype=None if quantize else variant, quantize=quantize)
     lm.next_token_logits(PROMPT)  # first token ready
-    out = {"load_s": time.perf_counter() - t0, "weights": f"GGUF Q4_1 -> {dtype}"}
+    weights = "GGUF Q4_1 kept as 4-bit, Q8_0 embedding as int8 rows" if quantize else f"GGUF Q4_1 -> {variant}"
+    out = {"load_s": time.perf_counter() - t0, "weights": weights}
     lm.generate(PROMPT, max_new_tokens=4)  # warm-up
     t = time.perf_counter()
     g = lm.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True)[0]
@@ -52,6 +55,8 @@ def run_lmgen(dtype: str, tokens: int) -> dict:
     t = time.perf_counter()
     lm.generate(ids, max_new_tokens=1)
     out["ttft512_s"] = time.perf_counter() - t
+    g = lm.generate(PROMPT, max_new_tokens=AGREEMENT_TOKENS, min_new_tokens=AGREEMENT_TOKENS)[0]
+    out["prompt_ids"], out["greedy_ids"] = g.prompt_token_ids, g.token_ids
     return out
 
 
@@ -84,6 +89,10 @@ def run_transformers(tokens: int) -> dict:
         t = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, pad_token_id=tok.eos_token_id)
         out["ttft512_s"] = time.perf_counter() - t
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+        g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=AGREEMENT_TOKENS,
+                           min_new_tokens=AGREEMENT_TOKENS, pad_token_id=tok.eos_token_id)
+        out["prompt_ids"], out["greedy_ids"] = ids[0].tolist(), g[0, ids.shape[1]:].tolist()
     return out
 
 
@@ -103,6 +112,20 @@ def run_llama_cpp(tokens: int) -> dict:
     t = time.perf_counter()
     llm.create_completion(prompt, max_tokens=1)
     out["ttft512_s"] = time.perf_counter() - t
+    llm.reset()
+    ids = llm.tokenize(PROMPT.encode(), add_bos=False)
+    greedy = []
+    eos = llm.token_eos()
+
+    def no_eos(_, scores):  # as min_new_tokens does in the other engines
+        scores[eos] = -float("inf")
+        return scores
+
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True, logits_processor=[no_eos]):
+        greedy.append(token)
+        if len(greedy) == AGREEMENT_TOKENS:
+            break
+    out["prompt_ids"], out["greedy_ids"] = ids, greedy
     return out
 
 
@@ -115,6 +138,15 @@ def worker(engine: str, tokens: int) -> None:
         out = run_llama_cpp(tokens)
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
+
+
+def divergence(reference: list[int], other: list[int]) -> tuple[int | None, float]:
+    """(index of the first differing token or None, share of positions with the same token)."""
+    first = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), None)
+    if first is None and len(reference) != len(other):
+        first = min(len(reference), len(other))
+    same = sum(a == b for a, b in zip(reference, other))
+    return first, same / max(len(reference), 1)
 
 
 def machine() -> str:
@@ -140,18 +172,29 @@ def table(results: dict[str, dict], tokens: int) -> str:
     def num(r, key, fmt):
         return format(r[key], fmt) if r.get(key) is not None else "-"
 
+    fp32 = results.get("lmgen-float32", {})
+
+    def agreement(r):
+        if not (r.get("greedy_ids") and fp32.get("greedy_ids")):
+            return "-"
+        if r["prompt_ids"] != fp32["prompt_ids"]:
+            return "other prompt ids"
+        first, share = divergence(fp32["greedy_ids"], r["greedy_ids"])
+        return "identical" if first is None else f"token {first}, {share:.0%} match"
+
     lines = [f"Model: SmolLM2-135M-Instruct (embedded GGUF), {tokens} new tokens, greedy at batch 1, "
              "sampled at batch 16 (aggregate tokens/s).", "",
              "| engine | weights | b1 tok/s | vs transformers | vs llama.cpp | b16 tok/s | vs transformers "
-             "| TTFT 512 (s) | peak RSS (MB) | load (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| TTFT 512 (s) | peak RSS (MB) | load (s) | greedy {AGREEMENT_TOKENS} vs lmgen-float32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | {r['error']} |||||||||")
+            lines.append(f"| {name} | {r['error']} ||||||||||")
             continue
         lines.append(f"| {name} | {r['weights']} | {num(r, 'b1_tok_s', '.1f')} | {ratio(r, ref, 'b1_tok_s')} | "
                      f"{ratio(r, cpp, 'b1_tok_s')} | {num(r, 'b16_tok_s', '.1f')} | {ratio(r, ref, 'b16_tok_s')} | "
-                     f"{num(r, 'ttft512_s', '.2f')} | {num(r, 'rss_mb', '.0f')} | {num(r, 'load_s', '.1f')} |")
+                     f"{num(r, 'ttft512_s', '.2f')} | {num(r, 'rss_mb', '.0f')} | {num(r, 'load_s', '.1f')} | "
+                     f"{agreement(r)} |")
     return "\n".join(lines)
 
 
@@ -174,7 +217,8 @@ def main() -> int:
         else:
             last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
             results[engine] = {"error": "not run: " + last[:120]}
-        print(f"{engine}: {results[engine]}", file=sys.stderr)
+        shown = {k: v for k, v in results[engine].items() if not k.endswith("_ids")}
+        print(f"{engine}: {shown}", file=sys.stderr)
     text = table(results, args.tokens)
     print(text)
     if args.write:

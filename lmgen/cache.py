@@ -17,7 +17,7 @@ class Step:
 
     positions: torch.Tensor
     slots: torch.Tensor | None
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     kv_len: int
     slot_start: int | None  # first slot when the slots are a contiguous range, so reads are views
     write_index: torch.Tensor | None = None  # rows of the flattened cache layer that this step writes
@@ -97,6 +97,8 @@ class KVCache:
         # A key is visible when it sits at or before the query's position: everything
         # there was written by this sequence, earlier or in this same step.
         mask = keys[None, None, None, :] <= positions[:, None, :, None]
+        if positions.shape == (1, 1):  # one new token sees all of its slot: skip the mask (faster attention)
+            mask = None
         slot_t = torch.tensor(slots, device=device)
         # Row (slot, head, position) of a layer viewed as [slots * heads * max_len, head_dim], in the
         # order of k.reshape(-1, head_dim) for k [B, H, T, D]: one index_copy_ per layer writes them all.

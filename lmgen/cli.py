@@ -21,6 +21,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="model folder, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--quantize", default=None, choices=["int4"],
+                   help="int4: 4-bit weights for fast CPU decoding (a GGUF's own Q4 blocks where it has them)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar while the model loads")
     p.add_argument("-v", "--verbose", action="store_true", help="report speed (tokens/s) on stderr")
 

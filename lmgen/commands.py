@@ -32,14 +32,14 @@ def _load(args, model=None):
     from .loading import load
 
     source = model if model is not None else args.model
+    options = {k: getattr(args, k, None) for k in ("dtype", "device", "quantize")}
     if args.quiet or not sys.stderr.isatty():
-        return load(source, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
+        return load(source, **options)
     from rich.progress import Progress
 
     with Progress(transient=True, console=_stderr()) as bar:
         task = bar.add_task("loading model", total=None)
-        return load(source, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
-                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+        return load(source, **options, progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def _stderr():
@@ -283,7 +283,7 @@ def info(args) -> int:
     args.dtype = args.device = None
     args.verbose = False
     lm = _load(args, args.model)
-    unique = {p.data_ptr(): p.numel() for p in lm.model.parameters()}
+    unique = {p.data_ptr(): p.numel() for p in lm.model.parameters()}  # tied weights count once
     facts = {"model": lm.name, "architecture": type(lm.model).__module__.rsplit(".", 1)[-1],
              "parameters": sum(unique.values()), "context_length": lm.context_length, "dtype": str(lm.dtype),
              "device": str(lm.device), "vocab_size": lm.vocab_size, "eos_token_ids": list(lm.eos_token_ids),

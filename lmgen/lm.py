@@ -211,7 +211,7 @@ class LM:
         c = self._cache
         if c is None or c.n_slots < n_slots or c.max_len < max_length or c.free_slots < c.n_slots:
             self._cache = None  # free the old one before allocating
-            length = min(self.context_length, -(-max_length // 256) * 256)
+            length = min(self.context_length, -(-max_length // 128) * 128)  # room to reuse it, not much more
             c = self._cache = KVCache.for_model(self.model, n_slots, length)
         return c
 

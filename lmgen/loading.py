@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import models
+from .models import quant
 from .errors import CorruptFileError, ModelNotFoundError
 from .lm import LM
 from .tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_folder
@@ -72,13 +73,17 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, progress: Progress | None = None) -> LM:
+         device: str | torch.device | None = None, quantize: str | None = None,
+         progress: Progress | None = None) -> LM:
     """Load a model: a Hugging Face folder, a .gguf file, a Hub id, or None for the embedded default.
 
-    `progress(done, total)` is called as tensors load (total is None when unknown).
+    quantize="int4" keeps 4-bit weights (a GGUF's own Q4 blocks, or quantized from floats) for fast
+    CPU decoding; see lmgen.models.quant. `progress(done, total)` is called as tensors load
+    (total is None when unknown).
     """
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
+    check_quantize(quantize, dev)
     path = resolve(source)
     if path.is_dir():
         config = hf.read_config(path)
@@ -88,10 +93,10 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
         gguf = GGUFFile(path)
         config = gguf.config()
         tokenizer = tokenizer_from_gguf(gguf.metadata)
-        tensors, total = gguf.tensors(dt), len(gguf.tensor_infos)
+        tensors, total = gguf.tensors(dt, keep_q4=quantize == "int4"), len(gguf.tensor_infos)
     if progress is not None:
         tensors = _counted(tensors, total, progress)
-    model = build_model(config, tensors, dt, dev, source=path)
+    model = build_model(config, tensors, dt, dev, source=path, quantize=quantize)
     return LM(model, tokenizer, name=str(source) if source is not None else DEFAULT_MODEL_FILE,
               eos_token_ids=_eos_ids(config, tokenizer))
 
@@ -106,27 +111,73 @@ def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
     return tokenizer_from_gguf(GGUFFile(path).metadata)
 
 
-def build_model(config: dict, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                device: torch.device, source: object = None) -> torch.nn.Module:
-    """Build the architecture on the meta device and assign the weights (no second copy)."""
+def check_quantize(quantize: str | None, device: torch.device) -> None:
+    """Reject an unknown quantization, or one the device has no kernels for."""
+    if quantize is None:
+        return
+    if quantize not in quant.QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(quant.QUANTIZATIONS)}, got {quantize!r}")
+    if device.type != "cpu":
+        raise ValueError(f"quantize={quantize!r} runs on the CPU only; on {device.type} use dtype bfloat16")
+
+
+def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant.Q4Blocks"]], dtype: torch.dtype,
+                device: torch.device, source: object = None, quantize: str | None = None) -> torch.nn.Module:
+    """Build the architecture on the meta device and assign the weights (no second copy).
+
+    With `quantize`, the quantized layers are swapped in first and fed from the same checkpoint names.
+    """
     arch = models.architecture(config.get("model_type"), source)
     cfg = arch.Config.from_hf(config)
     with torch.device("meta"):
         model = arch.Model(cfg)
+    swaps = quant.quantize_modules(model, arch.EMBEDDING, quantize) if quantize else {}
     state = {}
-    for name, tensor in tensors:
+    for name, tensor in fuse_linears(tensors, arch.FUSED_LINEARS, source):
         name = arch.checkpoint_name(name)
-        if name is not None:
-            state[name] = tensor.to(device=device, dtype=dtype)
-    embed = arch.EMBEDDING
-    if "lm_head.weight" not in state and embed in state and arch.ties_embeddings(cfg):
-        state["lm_head.weight"] = state[embed]
+        module = name and name.rpartition(".")[0]
+        if name is None:
+            continue
+        if module in swaps and name.endswith(".weight"):
+            state.update(quant.quantized_state(swaps[module], module, tensor))
+            continue
+        if isinstance(tensor, quant.Q4Blocks):
+            tensor = quant.dequantize_q4(tensor)
+        state[name] = tensor.to(device=device, dtype=dtype)
+    embed = arch.EMBEDDING.rpartition(".")[0]
+    if arch.ties_embeddings(cfg) and not any(k.startswith("lm_head.") for k in state):
+        for key in [k for k in state if k.startswith(embed + ".")]:
+            state["lm_head" + key[len(embed):]] = state[key]
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CorruptFileError(f"{source}: the weights do not fit the {config['model_type']} config: "
                                f"{_first_lines(str(e))}") from None
     return model.to(device).eval().requires_grad_(False)
+
+
+def fuse_linears(tensors: Iterable[tuple[str, object]], fused: dict[str, tuple[str, ...]],
+                 source: object = None) -> Iterable[tuple[str, object]]:
+    """Join a checkpoint's separate linears (q_proj, k_proj, v_proj) into the model's fused ones, in order."""
+    part_of = {part: (target, i, len(parts)) for target, parts in fused.items() for i, part in enumerate(parts)}
+    pending: dict[str, list] = {}
+    for name, tensor in tensors:
+        module, _, param = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        if leaf not in part_of:
+            yield name, tensor
+            continue
+        target, i, n = part_of[leaf]
+        key = f"{parent}.{target}.{param}"
+        parts = pending.setdefault(key, [None] * n)
+        parts[i] = tensor
+        if all(p is not None for p in parts):
+            del pending[key]
+            yield key, quant.cat_rows(parts)
+    for key, parts in pending.items():
+        target = key.rsplit(".", 2)[-2]
+        missing = [p for p, t in zip(fused[target], parts) if t is None]
+        raise CorruptFileError(f"{source}: {key.rsplit('.', 2)[0]} lacks {', '.join(missing)}")
 
 
 def _counted(items: Iterable, total: int | None, progress: Progress) -> Iterable:

@@ -60,6 +60,7 @@ class Config:
 
 
 EMBEDDING = "transformer.wte.weight"
+FUSED_LINEARS: dict[str, tuple[str, ...]] = {}  # c_attn already holds q, k and v
 
 
 def checkpoint_name(name: str) -> str | None:

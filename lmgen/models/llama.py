@@ -1,4 +1,7 @@
-"""The Llama family (Llama 2/3, SmolLM2, TinyLlama): Hugging Face parameter names, so weights load strictly."""
+"""The Llama family (Llama 2/3, SmolLM2, TinyLlama): Hugging Face parameter names, so weights load strictly.
+
+q/k/v and gate/up are each loaded as one matmul (FUSED_LINEARS), as vLLM names them.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ class Config:
 
 
 EMBEDDING = "model.embed_tokens.weight"
+# Checkpoint linears we load as one wider matmul (fewer, larger calls per step): fused -> its parts, in order.
+FUSED_LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def checkpoint_name(name: str) -> str | None:
@@ -67,29 +72,28 @@ class Attention(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
+        heads = c.num_attention_heads + 2 * c.num_key_value_heads
+        self.qkv_proj = nn.Linear(c.hidden_size, heads * c.head_dim, bias=c.attention_bias)  # q, k, v rows
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, step: Step):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        rotated = self.n_heads + self.n_kv_heads
+        qk = apply_rope(qkv[:, :rotated], cos, sin)  # q and k heads rotate together
+        q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, rotated:]
         return self.o_proj(attention(q, k, v, cache, layer, step))
 
 
 class MLP(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)  # gate, up rows
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -10,7 +10,8 @@ import torch
 
 from ..errors import CorruptFileError, UnsupportedModelError
 from .gguf_format import GGUFParseError, read_gguf
-from .quants import dequantize
+from ..models.quant import Q4Blocks
+from .quants import Q4_TYPES, dequantize, q4_codes
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face names, per architecture; {i} is the block.
 TENSOR_NAMES = {
@@ -100,23 +101,30 @@ class GGUFFile:
                     rope_theta=get("rope.freq_base", 10000.0), rope_scaling=scaling,
                     tie_word_embeddings="output.weight" not in names)
 
-    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (Hugging Face name, dequantized tensor) one at a time."""
+    def tensors(self, dtype: torch.dtype = torch.float32,
+                keep_q4: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4Blocks]]:
+        """Yield (Hugging Face name, dequantized tensor) one at a time; with keep_q4, Q4_0/Q4_1 matrices
+        come as their 4-bit blocks ([out, in] for every architecture) instead."""
         table = _name_table(TENSOR_NAMES[self.arch])
         cfg = self.config()
         for t in self.tensor_infos:
             hf = _hf_name(table, t.name)
             if hf is None:
                 raise UnsupportedModelError(f"{self.path}: unexpected tensor {t.name!r} for {self.arch}")
+            blocks = keep_q4 and t.tensor_type in Q4_TYPES and len(t.shape) == 2
             try:
-                w = dequantize(t.data, t.tensor_type, t.shape, dtype=dtype)
+                w = (Q4Blocks(*q4_codes(t.data, t.tensor_type, t.shape)) if blocks
+                     else dequantize(t.data, t.tensor_type, t.shape, dtype=dtype))
             except (UnsupportedModelError, CorruptFileError) as e:
                 raise type(e)(f"{self.path}: tensor {t.name}: {e}") from None
+            heads = None
             if self.arch == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
-                w = _unpermute(w, cfg["num_attention_heads"])
+                heads = cfg["num_attention_heads"]
             elif self.arch == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
-                w = _unpermute(w, cfg["num_key_value_heads"])
-            elif _TRANSPOSED.fullmatch(hf):
+                heads = cfg["num_key_value_heads"]
+            if heads is not None:
+                w = w.map_rows(lambda x: _unpermute(x, heads)) if blocks else _unpermute(w, heads)
+            elif _TRANSPOSED.fullmatch(hf) and not blocks:
                 w = w.t().contiguous()
             yield hf, w
 

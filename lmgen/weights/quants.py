@@ -179,3 +179,23 @@ def dequantize(
         # never hand out a view of the caller's (possibly read-only, memory-mapped) buffer
         return out.clone() if out.data_ptr() == raw.data_ptr() else out
     return _DECODERS[qt](raw.view(-1, type_size)).reshape(shape).to(dtype)
+
+
+Q4_TYPES = (T.Q4_0, T.Q4_1)
+
+
+def q4_codes(data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int]):
+    """A Q4_0 or Q4_1 matrix as (codes uint8 [N, K], scale, zero float32 [N, K/32]): w = (q - 8) * scale + zero."""
+    qt = T(int(qtype))
+    block, type_size = GGML_QUANT_SIZES[qt]
+    n, k = (int(s) for s in shape)
+    b = _as_bytes(data).view(-1, type_size)
+    if b.shape[0] != n * k // block:
+        raise CorruptFileError(f"{qt.name} tensor of shape {tuple(shape)}: expected {n * k // block} blocks, "
+                               f"got {b.shape[0]}")
+    scale = _f16(b, 0)
+    if qt == T.Q4_0:
+        codes, zero = _unpack(b[:, 2:], 4), torch.zeros_like(scale)
+    else:
+        codes, zero = _unpack(b[:, 4:], 4), _f16(b, 2) + 8 * scale
+    return codes.reshape(n, k), scale.reshape(n, k // block), zero.reshape(n, k // block)
