@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from . import models
-from .models import quant
 from .errors import CorruptFileError, ModelNotFoundError
 from .lm import LM
+from .models import quant
 from .tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_folder
 from .weights import hf
 from .weights.gguf import GGUFFile

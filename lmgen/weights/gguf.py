@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptFileError, UnsupportedModelError
-from .gguf_format import GGUFParseError, read_gguf
 from ..models.quant import Q4Blocks
+from .gguf_format import GGUFParseError, read_gguf
 from .quants import Q4_TYPES, dequantize, q4_codes
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face names, per architecture; {i} is the block.
