@@ -86,18 +86,24 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def step(self, slots: list[int], positions: torch.Tensor) -> Step:
-        """Describe a forward over `positions` [B, T] for the sequences in `slots`."""
+    def step(self, slots: list[int], positions: torch.Tensor, full: bool = False) -> Step:
+        """Describe a forward over `positions` [B, T] for the sequences in `slots`.
+
+        full=True attends over the whole cache length behind a mask, so every step has the same
+        shapes (what a compiled step needs); otherwise only up to the furthest position is read.
+        """
         device = self.k.device
         kv_len = int(positions.max()) + 1
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
+        if full:
+            kv_len = self.max_len
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         keys = torch.arange(kv_len, device=device)
         # A key is visible when it sits at or before the query's position: everything
         # there was written by this sequence, earlier or in this same step.
         mask = keys[None, None, None, :] <= positions[:, None, :, None]
-        if positions.shape == (1, 1):  # one new token sees all of its slot: skip the mask (faster attention)
+        if positions.shape == (1, 1) and not full:  # one new token sees all of its slot: no mask (faster)
             mask = None
         slot_t = torch.tensor(slots, device=device)
         # Row (slot, head, position) of a layer viewed as [slots * heads * max_len, head_dim], in the
@@ -109,10 +115,13 @@ class KVCache:
 
     def update(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, H, T, D] at the step's positions; return this batch's keys and values."""
-        k_layer, v_layer = self.k[layer], self.v[layer]
         d = k.shape[-1]
-        k_layer.view(-1, d).index_copy_(0, step.write_index, k.reshape(-1, d).to(k_layer.dtype))
-        v_layer.view(-1, d).index_copy_(0, step.write_index, v.reshape(-1, d).to(v_layer.dtype))
+        # rows of the whole cache viewed as [rows, head_dim]: writing into the base tensor, not a view of it,
+        # lets torch.compile update it in place instead of copying the layer
+        rows = step.write_index + layer * (self.k[0].numel() // d)
+        self.k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d).to(self.k.dtype))
+        self.v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d).to(self.v.dtype))
+        k_layer, v_layer = self.k[layer], self.v[layer]
         if step.slot_start is not None:
             rows = slice(step.slot_start, step.slot_start + k.shape[0])
             return k_layer[rows, :, :step.kv_len], v_layer[rows, :, :step.kv_len]

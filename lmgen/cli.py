@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print JSON (JSON lines with --stream)")
     gen.add_argument("--stream", action="store_true", help="with --json: one JSON line per token")
     gen.add_argument("--logprobs", type=int, default=None, metavar="N", help="with --json: top-N logprobs per token")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile single-sequence decoding (first run compiles for minutes; then cached)")
 
     probs = sub.add_parser("probs", help="show the next-token distribution")
     probs.add_argument("prompt", nargs="?", default=SEED_PROMPT, help="the text ('-' reads stdin)")

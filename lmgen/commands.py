@@ -34,12 +34,14 @@ def _load(args, model=None):
     source = model if model is not None else args.model
     options = {k: getattr(args, k, None) for k in ("dtype", "device", "quantize")}
     if args.quiet or not sys.stderr.isatty():
-        return load(source, **options)
-    from rich.progress import Progress
+        lm = load(source, **options)
+    else:
+        from rich.progress import Progress
 
-    with Progress(transient=True, console=_stderr()) as bar:
-        task = bar.add_task("loading model", total=None)
-        return load(source, **options, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        with Progress(transient=True, console=_stderr()) as bar:
+            task = bar.add_task("loading model", total=None)
+            lm = load(source, **options, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    return lm.compile() if getattr(args, "compile", False) else lm
 
 
 def _stderr():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -126,16 +127,42 @@ def prefill(model, cache: KVCache, prompts: Seq[list[int]], slots: list[int]) ->
     return torch.stack(out)
 
 
-def decode_step(model, cache: KVCache, seqs: Seq[Sequence]) -> torch.Tensor:
-    """Feed each sequence's newest token; return the next logits [B, V]."""
+def decode_step(model, cache: KVCache, seqs: Seq[Sequence], run=None) -> torch.Tensor:
+    """Feed each sequence's newest token; return the next logits [B, V].
+
+    `run` (from compile_decode) takes a lone sequence's step, over the whole cache so its shapes stay fixed.
+    """
     device = cache.k.device
     tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=device)
     positions = torch.tensor([[s.length - 1] for s in seqs], device=device)
-    return model(tokens, positions, cache, [s.slot for s in seqs])[:, -1]
+    slots = [s.slot for s in seqs]
+    if run is not None and len(seqs) == 1:
+        return run(tokens, cache.step(slots, positions, full=True), cache)[:, -1]
+    return model(tokens, positions, cache, slots)[:, -1]
 
 
-def generate_tokens(model, cache: KVCache, seqs: list[Sequence],
-                    max_length: int) -> Iterator[list[tuple[Sequence, int, str]]]:
+def compile_decode(model):
+    """model.run under torch.compile for single-sequence decode steps; falls back to eager if compiling fails.
+
+    The first compile takes minutes on a small CPU; torch caches the result on disk for later processes.
+    """
+    compiled = torch.compile(model.run, dynamic=False)
+    failed: list[str] = []
+
+    def run(tokens, step, cache):
+        if not failed:
+            try:
+                return compiled(tokens, step, cache)
+            except Exception as e:  # no C++ compiler, unsupported op...: eager gives the same answer, slower
+                failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                warnings.warn(f"torch.compile failed, decoding without it ({failed[0][:200]})", stacklevel=2)
+        return model.run(tokens, step, cache)
+
+    return run
+
+
+def generate_tokens(model, cache: KVCache, seqs: list[Sequence], max_length: int,
+                    run=None) -> Iterator[list[tuple[Sequence, int, str]]]:
     """Generate for all sequences as one batch; yield each step's (sequence, token, released text).
 
     Sequences with the same prompt object share one prefill. A sequence ends at an EOS token
@@ -172,7 +199,7 @@ def generate_tokens(model, cache: KVCache, seqs: list[Sequence],
             yield step
             active = [s for s in active if s.finish_reason is None]
             if active:
-                logits = decode_step(model, cache, active)
+                logits = decode_step(model, cache, active, run)
     finally:
         for s in active:  # stopped early (an error, or the caller left): give the slots back
             if s.finish_reason is None and s.slot >= 0:

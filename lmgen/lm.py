@@ -10,7 +10,7 @@ import torch
 
 from . import sampling
 from .cache import KVCache
-from .generate import Generation, Sequence, TokenLogprob, generate_tokens, token_logprob
+from .generate import Generation, Sequence, TokenLogprob, compile_decode, generate_tokens, token_logprob
 from .params import GenerationConfig
 from .stopping import TextTracker
 from .tokenizer import Tokenizer
@@ -36,6 +36,12 @@ class LM:
         self.name = name
         self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else tokenizer.eos_token_ids)
         self._cache: KVCache | None = None
+        self._compiled = None
+
+    def compile(self) -> "LM":
+        """Compile single-sequence decoding with torch.compile (CPU: minutes the first time, then cached)."""
+        self._compiled = compile_decode(self.model)
+        return self
 
     @property
     def config(self):
@@ -188,7 +194,7 @@ class LM:
     def _run(self, seqs: list[Sequence]):
         max_length = self._max_length([s.length for s in seqs], seqs[0].config)
         cache = self._cache_for(len(seqs), max_length)
-        yield from generate_tokens(self.model, cache, seqs, max_length)
+        yield from generate_tokens(self.model, cache, seqs, max_length, self._compiled)
 
     @torch.inference_mode()
     def _beam_search(self, ids: list[int], config: GenerationConfig) -> list[Generation]:
@@ -211,7 +217,10 @@ class LM:
         c = self._cache
         if c is None or c.n_slots < n_slots or c.max_len < max_length or c.free_slots < c.n_slots:
             self._cache = None  # free the old one before allocating
-            length = min(self.context_length, -(-max_length // 128) * 128)  # room to reuse it, not much more
+            if self._compiled is None:
+                length = min(self.context_length, -(-max_length // 128) * 128)  # room to reuse it, not much more
+            else:  # a compiled step has fixed shapes: a few power-of-two lengths, each compiled once
+                length = min(self.context_length, 1 << max(8, (max_length - 1).bit_length()))
             c = self._cache = KVCache.for_model(self.model, n_slots, length)
         return c
 

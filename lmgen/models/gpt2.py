@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache, make_step
+from ..cache import KVCache, Step, make_step
 from ..errors import UnsupportedModelError
 from .layers import attention
 
@@ -158,8 +158,12 @@ class Model(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 slots: list[int] | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for tokens at positions [B, T]; with `last` [B], only at those indices: [B, V]."""
-        step = make_step(positions, cache, slots)
-        x = self.transformer.wte(tokens) + self.transformer.wpe(positions)
+        return self.run(tokens, make_step(positions, cache, slots), cache, last)
+
+    def run(self, tokens: torch.Tensor, step: Step, cache: KVCache | None = None,
+            last: torch.Tensor | None = None) -> torch.Tensor:
+        """forward() for a prepared Step: the tensor work alone, which torch.compile can capture whole."""
+        x = self.transformer.wte(tokens) + self.transformer.wpe(step.positions)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, step)
         if last is not None:

@@ -136,7 +136,11 @@ class Model(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 slots: list[int] | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for tokens at positions [B, T]; with `last` [B], only at those indices: [B, V]."""
-        step = make_step(positions, cache, slots)
+        return self.run(tokens, make_step(positions, cache, slots), cache, last)
+
+    def run(self, tokens: torch.Tensor, step: Step, cache: KVCache | None = None,
+            last: torch.Tensor | None = None) -> torch.Tensor:
+        """forward() for a prepared Step: the tensor work alone, which torch.compile can capture whole."""
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, step.positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
