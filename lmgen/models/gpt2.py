@@ -11,7 +11,7 @@ from torch import nn
 
 from ..cache import KVCache, Step, make_step
 from ..errors import UnsupportedModelError
-from .layers import attention
+from .layers import attention, embedding
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -135,8 +135,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.n_positions, c.n_embd)
+        self.wte = embedding(c.vocab_size, c.n_embd)
+        self.wpe = embedding(c.n_positions, c.n_embd)
         self.h = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
 

@@ -27,6 +27,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """An uninitialized embedding (its weights are assigned at load): on the meta device, nn.Embedding's
+    random init would import torch._dynamo, about a second of load time."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as the reference does."""
 

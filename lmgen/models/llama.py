@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, Step, make_step
-from .layers import RMSNorm, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from .layers import RMSNorm, apply_rope, attention, embedding, rope_cos_sin, rope_inv_freq
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
