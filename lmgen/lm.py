@@ -216,9 +216,9 @@ class LM:
     def _cache_for(self, n_slots: int, max_length: int) -> KVCache:
         c = self._cache
         if c is None or c.n_slots < n_slots or c.max_len < max_length or c.free_slots < c.n_slots:
-            self._cache = None  # free the old one before allocating
+            c = self._cache = None  # free the old one before allocating
             if self._compiled is None:
-                length = min(self.context_length, -(-max_length // 128) * 128)  # room to reuse it, not much more
+                length = min(self.context_length, -(-max_length // 16) * 16)  # a little room to reuse it
             else:  # a compiled step has fixed shapes: a few power-of-two lengths, each compiled once
                 length = min(self.context_length, 1 << max(8, (max_length - 1).bit_length()))
             c = self._cache = KVCache.for_model(self.model, n_slots, length)

@@ -126,6 +126,7 @@ class GGUFFile:
                 w = w.map_rows(lambda x: _unpermute(x, heads)) if blocks else _unpermute(w, heads)
             elif _TRANSPOSED.fullmatch(hf) and not blocks:
                 w = w.t().contiguous()
+            t.release()  # w holds its own copy now
             yield hf, w
 
 

@@ -28,6 +28,14 @@ class TensorInfo:
     tensor_type: int
     shape: tuple[int, ...]
     data: np.ndarray
+    file: mmap.mmap | None = None
+    offset: int = 0
+
+    def release(self) -> None:
+        """Drop this tensor's pages of the mapped file from memory once it has been copied out (lower peak RSS)."""
+        if self.file is not None and hasattr(mmap, "MADV_DONTNEED"):
+            start = self.offset // mmap.PAGESIZE * mmap.PAGESIZE
+            self.file.madvise(mmap.MADV_DONTNEED, start, self.offset + self.data.nbytes - start)
 
 
 class GGUFParseError(ValueError):
@@ -111,5 +119,5 @@ class _Parser:
                 raise GGUFParseError(f"tensor {name} ends at byte {begin + nbytes}, past the end of the file "
                                      f"({len(self.buf)} bytes): the file is truncated")
             data = np.frombuffer(self.buf, np.uint8, nbytes, begin)
-            tensors.append(TensorInfo(name, kind, shape, data))
+            tensors.append(TensorInfo(name, kind, shape, data, self.buf, begin))
         return metadata, tensors
