@@ -20,6 +20,7 @@ from pathlib import Path
 
 PROMPT = "The quick brown fox jumped over"
 ENGINES = ["lmgen-float32", "lmgen-bfloat16", "lmgen-int4", "lmgen-int4-compiled", "transformers", "llama.cpp"]
+NOTES_MARKER = "<!-- notes: bench.py --write keeps everything below this line -->"
 AGREEMENT_TOKENS = 128  # greedy tokens on the seed prompt compared with lmgen-float32
 
 
@@ -225,9 +226,12 @@ def main() -> int:
         print(f"{engine}: {shown}", file=sys.stderr)
     text = table(results, args.tokens)
     print(text)
-    if args.write:
-        Path(__file__).resolve().parent.parent.joinpath("BENCHMARKS.md").write_text(
-            f"# Benchmarks\n\nMachine: {machine()}\n\nCommand: `python benchmarks/bench.py --write`\n\n{text}\n")
+    if args.write:  # the table is replaced; the written notes after NOTES_MARKER stay
+        path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+        old = path.read_text() if path.exists() else ""
+        notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
+        path.write_text(f"# Benchmarks\n\nMachine: {machine()}\n\nCommand: `python benchmarks/bench.py --write`\n\n"
+                        f"{text}\n\n{notes}")
     return 0
 
 

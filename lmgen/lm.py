@@ -219,8 +219,8 @@ class LM:
             c = self._cache = None  # free the old one before allocating
             if self._compiled is None:
                 length = min(self.context_length, -(-max_length // 16) * 16)  # a little room to reuse it
-            else:  # a compiled step has fixed shapes: a few power-of-two lengths, each compiled once
-                length = min(self.context_length, 1 << max(8, (max_length - 1).bit_length()))
+            else:  # a compiled step has fixed shapes: power-of-two lengths from 128, each compiled once
+                length = min(self.context_length, 1 << max(7, (max_length - 1).bit_length()))
             c = self._cache = KVCache.for_model(self.model, n_slots, length)
         return c
 
