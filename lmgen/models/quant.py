@@ -46,10 +46,13 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
 
 
-def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The codes [N, K] back from `pack_int4`, for N a multiple of 32 (tests check it against torch's packer)."""
-    block = packed.reshape(n // 32, k, 16)
-    return torch.cat((block & 15, block >> 4), -1).transpose(1, 2).reshape(n, k)
+def unpack_int4(packed: torch.Tensor, n: int, k: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """The codes [N, K] back from `pack_int4`, as `dtype` (tests check it against torch's packer)."""
+    block = packed.view(n // 32, k, 16)
+    out = torch.empty(n // 32, 32, k, dtype=dtype)
+    out[:, :16] = (block & 15).transpose(1, 2)  # rows i and i + 16 of each 32 share a byte
+    out[:, 16:] = (block >> 4).transpose(1, 2)
+    return out.view(n, k)
 
 
 class Int4Linear(nn.Module):
@@ -73,12 +76,9 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The float32 weight [N, K] these buffers hold."""
         n, k = self.out_features, self.in_features
-        block = self.packed.view(n // 32, k, 16)
-        w = torch.empty(n // 32, 32, k)  # rows i and i + 16 of each 32 share a byte: low and high nibble
-        w[:, :16] = (block & 15).transpose(1, 2)
-        w[:, 16:] = (block >> 4).transpose(1, 2)
         scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # [N, K/G] each
-        w = w.view(n, k // GROUP, GROUP).mul_(scale[..., None]).add_((zero - 8 * scale)[..., None])
+        w = unpack_int4(self.packed, n, k, torch.float32).view(n, k // GROUP, GROUP)
+        w = w.mul_(scale[..., None]).add_((zero - 8 * scale)[..., None])
         return w.view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
