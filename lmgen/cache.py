@@ -66,7 +66,9 @@ class KVCache:
         """Take a free slot; raises RuntimeError when all are in use."""
         if not self._free:
             raise RuntimeError(f"all {self.n_slots} KV cache slots are in use")
-        return self._free.pop()
+        slot = min(self._free)  # lowest first: a batch then takes a contiguous run, read as a view, not a gather
+        self._free.remove(slot)
+        return slot
 
     def release(self, slot: int) -> None:
         """Give a slot back so another sequence can use it."""

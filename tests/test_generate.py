@@ -97,6 +97,17 @@ def test_cache_slots_allocate_release_and_reuse():
         cache.release(5)
 
 
+def test_a_batch_takes_the_lowest_free_slots_so_its_cache_rows_are_contiguous():
+    cache = KVCache(n_layers=1, n_slots=4, max_len=8, n_kv_heads=1, head_dim=4)
+    slots = [cache.allocate() for _ in range(4)]
+    for s in slots:  # freed in order, as a batch that ends together frees them
+        cache.release(s)
+    slots = [cache.allocate() for _ in range(3)]
+    assert slots == [0, 1, 2]
+    step = cache.step(slots, torch.zeros(3, 1, dtype=torch.long))
+    assert step.slot_start == 0  # read as a view of the cache, not gathered
+
+
 def test_a_freed_slot_is_reused_without_leaking_old_keys(tiny_gpt2):
     # Fill slot 0 with a long sequence, free it, then run a short one there: same tokens as in a fresh cache.
     cache = KVCache.for_model(tiny_gpt2.model, n_slots=1, max_len=64)
