@@ -138,7 +138,7 @@ def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant
     cfg = arch.Config.from_hf(config)
     with torch.device("meta"):
         model = arch.Model(cfg)
-    swaps = quant.quantize_modules(model, arch.EMBEDDING, quantize) if quantize else {}
+    swaps = quant.quantize_modules(model, arch.EMBEDDING, quantize, dtype) if quantize else {}
     state = {}
     for name, tensor in fuse_linears(tensors, arch.FUSED_LINEARS, source):
         name = arch.checkpoint_name(name)

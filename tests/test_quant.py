@@ -197,3 +197,13 @@ def test_a_failed_compile_falls_back_to_eager_with_a_warning(tiny_llama_dir, mon
     with pytest.warns(UserWarning, match="torch.compile failed, decoding without it.*no C\\+\\+ compiler"):
         got = lm.generate(SEED_PROMPT, max_new_tokens=6, ignore_eos=True)[0].token_ids
     assert got == want
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_int4_runs_with_bfloat16_activations(arch, tiny_llama_dir, tiny_gpt2_dir):
+    folder = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}[arch]
+    lm = lmgen.load(folder, quantize="int4", dtype="bfloat16")
+    assert lm.dtype == torch.bfloat16
+    logits = lm.logits(lm.encode(SEED_PROMPT))
+    assert bool(torch.isfinite(logits).all())
+    assert len(lm.generate(SEED_PROMPT, max_new_tokens=5, ignore_eos=True)[0].token_ids) == 5

@@ -120,10 +120,14 @@ class Int8Rows(nn.Module):
 
 
 class Int8Embedding(Int8Rows):
-    """An embedding lookup on 8-bit rows."""
+    """An embedding lookup on 8-bit rows, giving vectors of the model's dtype."""
+
+    def __init__(self, rows: int, dim: int, dtype: torch.dtype = torch.float32):
+        super().__init__(rows, dim)
+        self.dtype = dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.dequantized(tokens)
+        return self.dequantized(tokens).to(self.dtype)
 
 
 class Int8Linear(Int8Rows):
@@ -138,7 +142,8 @@ class Int8Linear(Int8Rows):
         return y.view(*x.shape[:-1], -1)
 
 
-def quantize_modules(model: nn.Module, embedding: str, method: str) -> dict[str, nn.Module]:
+def quantize_modules(model: nn.Module, embedding: str, method: str,
+                     dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """Swap in quantized layers (on the meta device, before weights are assigned); return them by name.
 
     Decoder-layer linears whose sizes fit the int4 kernel become Int4Linear; the embedding and lm_head
@@ -150,7 +155,7 @@ def quantize_modules(model: nn.Module, embedding: str, method: str) -> dict[str,
     swaps: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if name == embed_module and isinstance(module, nn.Embedding):
-            swaps[name] = Int8Embedding(module.num_embeddings, module.embedding_dim)
+            swaps[name] = Int8Embedding(module.num_embeddings, module.embedding_dim, dtype)
         elif name == "lm_head" and isinstance(module, nn.Linear) and module.bias is None:
             swaps[name] = Int8Linear(module.out_features, module.in_features)
         elif name != "lm_head":
