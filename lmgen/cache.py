@@ -101,12 +101,12 @@ class KVCache:
         if full:
             kv_len = self.max_len
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        keys = torch.arange(kv_len, device=device)
-        # A key is visible when it sits at or before the query's position: everything
-        # there was written by this sequence, earlier or in this same step.
-        mask = keys[None, None, None, :] <= positions[:, None, :, None]
-        if positions.shape == (1, 1) and not full:  # one new token sees all of its slot: no mask (faster)
-            mask = None
+        mask = None  # one new token sees all of its slot: no mask (faster attention)
+        if positions.shape != (1, 1) or full:
+            # A key is visible when it sits at or before the query's position: everything
+            # there was written by this sequence, earlier or in this same step.
+            keys = torch.arange(kv_len, device=device)
+            mask = keys[None, None, None, :] <= positions[:, None, :, None]
         slot_t = torch.tensor(slots, device=device)
         # Row (slot, head, position) of a layer viewed as [slots * heads * max_len, head_dim], in the
         # order of k.reshape(-1, head_dim) for k [B, H, T, D]: one index_copy_ per layer writes them all.

@@ -138,13 +138,13 @@ def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant
     cfg = arch.Config.from_hf(config)
     with torch.device("meta"):
         model = arch.Model(cfg)
-    swaps = quant.quantize_modules(model, arch.EMBEDDING, quantize, dtype) if quantize else {}
+    swaps = quant.quantize_modules(model, arch.EMBEDDING, dtype) if quantize else {}  # checked by check_quantize
     state = {}
     for name, tensor in fuse_linears(tensors, arch.FUSED_LINEARS, source):
         name = arch.checkpoint_name(name)
-        module = name and name.rpartition(".")[0]
         if name is None:
             continue
+        module = name.rpartition(".")[0]
         if module in swaps and name.endswith(".weight"):
             state.update(quant.quantized_state(swaps[module], module, tensor))
             continue

@@ -142,15 +142,12 @@ class Int8Linear(Int8Rows):
         return y.view(*x.shape[:-1], -1)
 
 
-def quantize_modules(model: nn.Module, embedding: str, method: str,
-                     dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
-    """Swap in quantized layers (on the meta device, before weights are assigned); return them by name.
+def quantize_modules(model: nn.Module, embedding: str, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """Swap in the int4 layers (on the meta device, before weights are assigned); return them by name.
 
     Decoder-layer linears whose sizes fit the int4 kernel become Int4Linear; the embedding and lm_head
     become 8-bit rows. Anything else (norms, position embeddings, odd-sized layers) stays as it is.
     """
-    if method not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
     embed_module = embedding.rsplit(".", 1)[0]
     swaps: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
