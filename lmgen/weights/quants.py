@@ -185,7 +185,7 @@ Q4_TYPES = (T.Q4_0, T.Q4_1)
 
 
 def q4_codes(data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int]):
-    """A Q4_0 or Q4_1 matrix as (codes uint8 [N, K], scale, zero float32 [N, K/32]): w = (q - 8) * scale + zero."""
+    """A Q4_0 or Q4_1 matrix as (codes uint8 [N, K], d, m float32 [N, K/32]): w = d * q + m."""
     qt = T(int(qtype))
     block, type_size = GGML_QUANT_SIZES[qt]
     n, k = (int(s) for s in shape)
@@ -193,9 +193,9 @@ def q4_codes(data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int]
     if b.shape[0] != n * k // block:
         raise CorruptFileError(f"{qt.name} tensor of shape {tuple(shape)}: expected {n * k // block} blocks, "
                                f"got {b.shape[0]}")
-    scale = _f16(b, 0)
-    if qt == T.Q4_0:
-        codes, zero = _unpack(b[:, 2:], 4), torch.zeros_like(scale)
+    d = _f16(b, 0)
+    if qt == T.Q4_0:  # w = d * (q - 8)
+        codes, m = _unpack(b[:, 2:], 4), -8 * d
     else:
-        codes, zero = _unpack(b[:, 4:], 4), _f16(b, 2) + 8 * scale
-    return codes.reshape(n, k), scale.reshape(n, k // block), zero.reshape(n, k // block)
+        codes, m = _unpack(b[:, 4:], 4), _f16(b, 2)
+    return codes.reshape(n, k), d.reshape(n, k // block), m.reshape(n, k // block)
