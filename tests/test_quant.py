@@ -60,14 +60,15 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(x.shape)
 
 
-@pytest.fixture(scope="module", params=["simd", "portable"])
-def native(request):
+@pytest.fixture(scope="module", params=["native", "portable"])
+def ops(request):
     """The kernels as this machine builds them, and as portable C (the path of CPUs without AVX2)."""
-    if request.param == "simd":
-        lib = kernels.native()
-        assert lib is not None, "the test machine has a C compiler: the native kernels must build"
-        return lib
-    return kernels.Kernels(kernels.build(flag_sets=(["-O2", "-fopenmp"],)))
+    if request.param == "native":
+        assert kernels.native(), "the test machine has C and C++ compilers: the native kernels must build"
+        return torch.ops.lmgen
+    assert kernels.load("lmgen_portable", (["-O2", "-fopenmp"],))
+    assert not torch.ops.lmgen_portable.simd()
+    return torch.ops.lmgen_portable
 
 
 def test_int4_buffers_hold_the_codes_and_float16_scales():
@@ -80,16 +81,16 @@ def test_int4_buffers_hold_the_codes_and_float16_scales():
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
 @pytest.mark.parametrize("n,k", [(40, 32), (96, 288), (576, 576)])  # 288: 9 blocks, one past a group of 8
-def test_native_matmuls_equal_the_product_of_quantized_operands(native, rows, n, k):
+def test_native_matmuls_equal_the_product_of_quantized_operands(ops, rows, n, k):
     torch.manual_seed(rows)
     blocks, x, bias = quantize_q4(torch.randn(n, k)), torch.randn(rows, k), torch.randn(n)
     layer = int4_linear(blocks)
     want = F.linear(quantized_activations(x), dequantize_q4(blocks), bias)
-    got = native.q4_matmul(x, layer.qs, layer.d, layer.m, bias)
+    got = ops.q4_matmul(x, layer.qs, layer.d, layer.m, bias)
     torch.testing.assert_close(got, want, atol=2e-4 * float(want.abs().max()), rtol=1e-4)
     head = int8_head(torch.randn(n, k))
     want = quantized_activations(x) @ head.dequantized().t()
-    torch.testing.assert_close(native.q8_matmul(x, head.qweight, head.scales), want,
+    torch.testing.assert_close(ops.q8_matmul(x, head.qweight, head.scales), want,
                                atol=2e-4 * float(want.abs().max()), rtol=1e-4)
 
 
@@ -123,7 +124,7 @@ def test_q4_codes_name_a_truncated_tensor():
 @pytest.mark.parametrize("use_native", [True, False])
 def test_int4_layers_use_the_kernel_for_few_rows_and_float32_for_many(use_native, monkeypatch):
     if not use_native:  # no C compiler: torch's kernels and matmuls on the same weights
-        monkeypatch.setattr(kernels, "native", lambda: None)
+        monkeypatch.setattr(kernels, "native", lambda: False)
     torch.manual_seed(0)
     layer = int4_linear(quantize_q4(torch.randn(96, 64)), bias=torch.randn(96))
     head = int8_head(torch.randn(4100, 64))  # more than one 4096-row slice
@@ -153,9 +154,20 @@ def test_int8_rows_quantize_per_row():
 def test_a_missing_compiler_is_a_warning_not_an_error(monkeypatch, tmp_path):
     monkeypatch.setenv("LMGEN_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    with pytest.warns(UserWarning, match="could not build matmul.c with false"):
-        assert kernels.build() is None
+    with pytest.warns(UserWarning, match="could not build lmgen's native kernels.*int4 layers run through torch"):
+        assert kernels.build("lmgen_nothing") is None
     assert not any(tmp_path.rglob("*.so"))
+
+
+def test_native_ops_name_bad_operands():
+    assert kernels.native()
+    layer = int4_linear(quantize_q4(torch.randn(64, 64)))
+    with pytest.raises(RuntimeError, match=r"q4_matmul: x must be float32 \[M, K\]"):
+        torch.ops.lmgen.q4_matmul(torch.randn(2, 64).double(), layer.qs, layer.d, layer.m, None)
+    with pytest.raises(RuntimeError, match="q4_matmul: expected a contiguous Byte \\[64, 16\\] weight part"):
+        torch.ops.lmgen.q4_matmul(torch.randn(2, 32), layer.qs, layer.d, layer.m, None)
+    with pytest.raises(RuntimeError, match="q8_matmul: scales must be float32"):
+        torch.ops.lmgen.q8_matmul(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8).half())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -61,7 +61,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.checkpoint_transposed = checkpoint_transposed  # GPT-2's Conv1D checkpoints store [in, out]
-        self.native = kernels.native() is not None  # decided here, not per call: torch.compile sees a constant
+        self.native = kernels.native()  # decided here, not per call: torch.compile sees a constant
         blocks = in_features // GROUP
         self.register_buffer("qs", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("d", torch.empty(out_features, blocks, dtype=torch.float16))
@@ -145,7 +145,7 @@ class Int8Linear(Int8Rows):
 
     def __init__(self, rows: int, dim: int):
         super().__init__(rows, dim)
-        self.native = dim % 32 == 0 and kernels.native() is not None  # the kernel takes blocks of 32 inputs
+        self.native = dim % 32 == 0 and kernels.native()  # the kernel takes blocks of 32 inputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
