@@ -146,7 +146,13 @@ def compile_decode(model):
 
     The first compile takes minutes on a small CPU; torch caches the result on disk for later processes.
     """
-    compiled = torch.compile(model.run, dynamic=False)
+    # cpp_wrapper: the graph's glue runs as C++ too, calling lmgen's native ops without Python (~20% faster).
+    # No guards on the model's ~400 weights (~0.9 ms a step): they never change after loading. Guards on
+    # the step and the cache stay, so a new cache size still compiles a new graph.
+    options = {"cpp_wrapper": True}
+    if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # torch >= 2.8
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    compiled = torch.compile(model.run, dynamic=False, options=options)
     failed: list[str] = []
 
     def run(tokens, step, cache):
