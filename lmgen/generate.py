@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
@@ -141,18 +142,26 @@ def decode_step(model, cache: KVCache, seqs: Seq[Sequence], run=None) -> torch.T
     return model(tokens, positions, cache, slots)[:, -1]
 
 
+def _own_code(method):
+    """The bound method on a private copy of its code: torch.compile keeps graphs and guards per code object."""
+    f = method.__func__
+    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(own, method.__self__)
+
+
 def compile_decode(model):
     """model.run under torch.compile for single-sequence decode steps; falls back to eager if compiling fails.
 
     The first compile takes minutes on a small CPU; torch caches the result on disk for later processes.
     """
     # cpp_wrapper: the graph's glue runs as C++ too, calling lmgen's native ops without Python (~20% faster).
-    # No guards on the model's ~400 weights (~0.9 ms a step): they never change after loading. Guards on
-    # the step and the cache stay, so a new cache size still compiles a new graph.
+    # No guards on the model's ~400 weights (~0.9 ms a step): they never change after loading, and with its
+    # own code object this model never meets another model's graphs. Guards on the step and the cache stay,
+    # so a new cache size still compiles a new graph.
     options = {"cpp_wrapper": True}
     if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # torch >= 2.8
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    compiled = torch.compile(model.run, dynamic=False, options=options)
+    compiled = torch.compile(_own_code(model.run), dynamic=False, options=options)
     failed: list[str] = []
 
     def run(tokens, step, cache):

@@ -74,21 +74,24 @@ def build(namespace: str = "lmgen", flag_sets=FLAG_SETS) -> Path | None:
         out = cache_dir() / f"{namespace}-{hashlib.sha256(source + key).hexdigest()[:16]}.so"
         if out.is_file():
             return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            try:
-                for cmd in _commands(*tools, flags, namespace, Path(tmp), Path(tmp) / out.name):
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-                    if done.returncode:
-                        raise RuntimeError(done.stderr.strip()[-300:] or f"{cmd[0]} exited {done.returncode}")
-            except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
-                errors.append(str(e))
-                continue
-            os.replace(Path(tmp) / out.name, out)  # atomic: a concurrent process sees the whole file or none
-            return out
+        try:
+            return _compile(tools, flags, namespace, out)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:  # includes an unwritable cache folder
+            errors.append(str(e))
     warnings.warn(f"could not build lmgen's native kernels ({' / '.join(tools)}): {errors[-1]}; "
                   "int4 layers run through torch (slower)", stacklevel=2)
     return None
+
+
+def _compile(tools: tuple[str, str], flags: list[str], namespace: str, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        for cmd in _commands(*tools, flags, namespace, Path(tmp), Path(tmp) / out.name):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if done.returncode:
+                raise RuntimeError(done.stderr.strip()[-300:] or f"{cmd[0]} exited {done.returncode}")
+        os.replace(Path(tmp) / out.name, out)  # atomic: a concurrent process sees the whole file or none
+    return out
 
 
 def load(namespace: str = "lmgen", flag_sets=FLAG_SETS) -> bool:
