@@ -19,7 +19,7 @@ from torch import nn
 from .. import kernels
 
 GROUP = 32  # inputs per 4-bit block: the GGUF block size
-KERNEL_ROWS = 32  # up to this many rows the quantized kernels beat dequantize-then-matmul on the CPU
+KERNEL_ROWS = 128  # up to this many rows the native kernels beat dequantize-then-matmul (BENCHMARKS.md)
 QUANTIZATIONS = ("int4",)
 
 
