@@ -285,3 +285,11 @@ def test_int4_runs_with_bfloat16_activations(arch, tiny_llama_dir, tiny_gpt2_dir
     logits = lm.logits(lm.encode(SEED_PROMPT))
     assert bool(torch.isfinite(logits).all())
     assert len(lm.generate(SEED_PROMPT, max_new_tokens=5, ignore_eos=True)[0].token_ids) == 5
+
+
+def test_a_kernel_library_that_will_not_load_is_a_warning_not_an_error(monkeypatch, tmp_path):
+    broken = tmp_path / "lmgen_broken.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(kernels, "build", lambda namespace, flag_sets: broken)
+    with pytest.warns(UserWarning, match="could not load .*lmgen_broken.so.*int4 layers run through torch"):
+        assert kernels.load("lmgen_broken") is False

@@ -99,7 +99,11 @@ def load(namespace: str = "lmgen", flag_sets=FLAG_SETS) -> bool:
     path = build(namespace, flag_sets)
     if path is None:
         return False
-    torch.ops.load_library(str(path))
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:  # e.g. a cached build that this process cannot link
+        warnings.warn(f"could not load {path}: {e}; int4 layers run through torch (slower)", stacklevel=2)
+        return False
     return True
 
 
