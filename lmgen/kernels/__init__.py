@@ -52,12 +52,14 @@ def _commands(cc: str, cxx: str, flags: list[str], namespace: str, tmp: Path, ou
     torch_dir = Path(torch.__file__).parent
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     openmp = [f for f in flags if f == "-fopenmp"]
+    # -Bsymbolic: ops.o calls this library's own matmul.c even when another build (another namespace) is loaded
     return [
         [cc, *flags, "-ffp-contract=off", "-fPIC", "-c", str(SOURCES[0]), "-o", str(tmp / "matmul.o")],
         [cxx, "-O2", "-std=c++20", "-fPIC", abi, f"-DLMGEN_OPS={namespace}", "-w", "-I", str(torch_dir / "include"),
          "-c", str(SOURCES[1]), "-o", str(tmp / "ops.o")],
-        [cxx, "-shared", str(tmp / "ops.o"), str(tmp / "matmul.o"), *openmp, "-L", str(torch_dir / "lib"),
-         "-Wl,-rpath," + str(torch_dir / "lib"), "-ltorch_cpu", "-lc10", "-lm", "-o", str(out)],
+        [cxx, "-shared", "-Wl,-Bsymbolic", str(tmp / "ops.o"), str(tmp / "matmul.o"), *openmp,
+         "-L", str(torch_dir / "lib"), "-Wl,-rpath," + str(torch_dir / "lib"), "-ltorch_cpu", "-lc10", "-lm",
+         "-o", str(out)],
     ]
 
 
@@ -70,7 +72,8 @@ def build(namespace: str = "lmgen", flag_sets=FLAG_SETS) -> Path | None:
     source = b"".join(s.read_bytes() for s in SOURCES)
     errors = []
     for flags in flag_sets:
-        key = repr((tools, flags, namespace, torch.__version__, _cpu_id())).encode()
+        commands = _commands(*tools, flags, namespace, Path("tmp"), Path("out"))  # every flag, torch's paths
+        key = repr((commands, torch.__version__, _cpu_id())).encode()
         out = cache_dir() / f"{namespace}-{hashlib.sha256(source + key).hexdigest()[:16]}.so"
         if out.is_file():
             return out
