@@ -121,6 +121,9 @@ def test_q4_codes_name_a_truncated_tensor():
     raw = gguf.quants.quantize(np.zeros((32, 64), np.float32), Q.Q4_1)
     with pytest.raises(CorruptFileError, match="Q4_1 tensor of shape"):
         q4_codes(raw[:-1], Q.Q4_1, (32, 64))
+    # cut mid-block, as a truncated file is: the same check as dequantize(), not a reshape error
+    with pytest.raises(CorruptFileError, match=r"Q4_1 tensor of shape \(32, 64\): expected 1280 bytes, got 1279"):
+        q4_codes(raw.reshape(-1)[:-1], Q.Q4_1, (32, 64))
 
 
 @pytest.mark.parametrize("use_native", [True, False])

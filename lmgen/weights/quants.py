@@ -160,16 +160,8 @@ def dequantize(
         raise UnsupportedModelError(
             f"GGML tensor type {name} is not supported; supported types: {', '.join(SUPPORTED_TYPES)}"
         )
-    block, type_size = GGML_QUANT_SIZES[qt]
     shape = tuple(int(s) for s in shape)
-    if (shape[-1] if shape else 1) % block:
-        raise CorruptFileError(f"{qt.name} tensor of shape {shape}: last dimension is not a multiple of {block}")
-    raw = _as_bytes(data)
-    expected = math.prod(shape) // block * type_size
-    if raw.numel() != expected:
-        raise CorruptFileError(
-            f"{qt.name} tensor of shape {shape}: expected {expected} bytes, got {raw.numel()}"
-        )
+    raw = _checked_bytes(data, qt, shape)
     if qt in _FLOAT_TYPES:
         try:
             values = raw.view(_FLOAT_TYPES[qt])
@@ -178,7 +170,19 @@ def dequantize(
         out = values.reshape(shape).to(dtype)
         # never hand out a view of the caller's (possibly read-only, memory-mapped) buffer
         return out.clone() if out.data_ptr() == raw.data_ptr() else out
-    return _DECODERS[qt](raw.view(-1, type_size)).reshape(shape).to(dtype)
+    return _DECODERS[qt](raw.view(-1, GGML_QUANT_SIZES[qt][1])).reshape(shape).to(dtype)
+
+
+def _checked_bytes(data: torch.Tensor | np.ndarray, qt: T, shape: tuple[int, ...]) -> torch.Tensor:
+    # the tensor's flat bytes, after checking that they hold whole blocks of exactly `shape`
+    block, type_size = GGML_QUANT_SIZES[qt]
+    if (shape[-1] if shape else 1) % block:
+        raise CorruptFileError(f"{qt.name} tensor of shape {shape}: last dimension is not a multiple of {block}")
+    raw = _as_bytes(data)
+    expected = math.prod(shape) // block * type_size
+    if raw.numel() != expected:
+        raise CorruptFileError(f"{qt.name} tensor of shape {shape}: expected {expected} bytes, got {raw.numel()}")
+    return raw
 
 
 Q4_TYPES = (T.Q4_0, T.Q4_1)
@@ -189,10 +193,7 @@ def q4_codes(data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int]
     qt = T(int(qtype))
     block, type_size = GGML_QUANT_SIZES[qt]
     n, k = (int(s) for s in shape)
-    b = _as_bytes(data).view(-1, type_size)
-    if b.shape[0] != n * k // block:
-        raise CorruptFileError(f"{qt.name} tensor of shape {tuple(shape)}: expected {n * k // block} blocks, "
-                               f"got {b.shape[0]}")
+    b = _checked_bytes(data, qt, (n, k)).view(-1, type_size)
     d = _f16(b, 0)
     if qt == T.Q4_0:  # w = d * (q - 8)
         codes, m = _unpack(b[:, 2:], 4), -8 * d
