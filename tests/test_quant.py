@@ -164,6 +164,27 @@ def test_a_missing_compiler_is_a_warning_not_an_error(monkeypatch, tmp_path):
     assert not any(tmp_path.rglob("*.so"))
 
 
+def test_no_compiler_at_all_is_a_warning_not_an_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find
+    with pytest.warns(UserWarning, match="no C and C\\+\\+ compiler found: int4 layers run through torch"):
+        assert kernels.build("lmgen_nothing") is None
+
+
+def test_a_cached_fallback_build_is_used_without_retrying_the_first_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMGEN_CACHE", str(tmp_path))
+    flag_sets = (["-O2", "-fno-such-flag"], ["-O2", "-fopenmp"])  # the first choice can't build here
+    built = kernels.build("lmgen_fallback", flag_sets)
+    assert built is not None and built.is_file()
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(kernels.subprocess, "run", no_compiling)
+    assert kernels.build("lmgen_fallback", flag_sets) == built
+
+
 def test_an_unwritable_kernel_cache_is_a_warning_not_an_error(monkeypatch, tmp_path):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("LMGEN_CACHE", str(tmp_path / "file"))  # a file where the cache folder should be

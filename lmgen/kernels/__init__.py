@@ -70,13 +70,16 @@ def build(namespace: str = "lmgen", flag_sets=FLAG_SETS) -> Path | None:
         warnings.warn("no C and C++ compiler found: int4 layers run through torch (slower)", stacklevel=2)
         return None
     source = b"".join(s.read_bytes() for s in SOURCES)
-    errors = []
+    builds = []  # (flags, library path) in order of preference
     for flags in flag_sets:
         commands = _commands(*tools, flags, namespace, Path("tmp"), Path("out"))  # every flag, torch's paths
         key = repr((commands, torch.__version__, _cpu_id())).encode()
-        out = cache_dir() / f"{namespace}-{hashlib.sha256(source + key).hexdigest()[:16]}.so"
-        if out.is_file():
-            return out
+        builds.append((flags, cache_dir() / f"{namespace}-{hashlib.sha256(source + key).hexdigest()[:16]}.so"))
+    cached = next((out for _, out in builds if out.is_file()), None)
+    if cached is not None:  # also a fallback build: a failing first choice isn't retried on every start
+        return cached
+    errors = []
+    for flags, out in builds:
         try:
             return _compile(tools, flags, namespace, out)
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:  # includes an unwritable cache folder
