@@ -97,8 +97,8 @@ class Int4Linear(nn.Module):
         if x2.shape[0] <= KERNEL_ROWS and self.native:
             bias = None if self.bias is None else self.bias.float()
             y = torch.ops.lmgen.q4_matmul(x2.float(), self.qs, self.d, self.m, bias).to(x.dtype)
-        else:  # a prompt: float32 matmul on the weight dequantized into a reused buffer (no fresh pages)
-            w = self.dequantized(_scratch(self.out_features, self.in_features))
+        else:  # a prompt: float32 matmul on the weight dequantized natively into a reused buffer (no fresh pages)
+            w = self.dequantized(_scratch(self.out_features, self.in_features) if self.native else None)
             y = F.linear(x2, w.to(x.dtype), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
