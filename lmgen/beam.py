@@ -95,7 +95,7 @@ def beam_search(model, cache: KVCache, prompt: list[int], config: GenerationConf
             if moved:
                 cache.reorder([slots[i] for i in moved], [slots[sources[i]] for i in moved], plen + gen - 1)
             tokens = torch.tensor([[t[-1]] for t in running], device=device)
-            positions = torch.full((n, 1), plen + gen - 1, device=device)
+            positions = torch.full((n, 1), plen + gen - 1)  # on the CPU: the cache builds its indices there
             logits = model(tokens, positions, cache, slots)[:, -1]
     finally:
         for s in slots:

@@ -88,32 +88,45 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def step(self, slots: list[int], positions: torch.Tensor, full: bool = False) -> Step:
-        """Describe a forward over `positions` [B, T] for the sequences in `slots`.
+    def step(self, slots: list[int], positions: torch.Tensor) -> Step:
+        """Describe a forward over `positions` [B, T] for the sequences in `slots`, reading keys up to the
+        furthest position.
 
-        full=True attends over the whole cache length behind a mask, so every step has the same
-        shapes (what a compiled step needs); otherwise only up to the furthest position is read.
+        The indices are worked out on the CPU and moved once: on a GPU that is a copy or two, not a
+        dozen tiny kernels and a wait; positions given on the CPU cost no wait at all.
         """
-        device = self.k.device
-        kv_len = int(positions.max()) + 1
+        host = positions.cpu()
+        kv_len = int(host.max()) + 1
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
-        if full:
-            kv_len = self.max_len
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         mask = None  # one new token sees all of its slot: no mask (faster attention)
-        if positions.shape != (1, 1) or full:
+        if host.shape != (1, 1):
             # A key is visible when it sits at or before the query's position: everything
             # there was written by this sequence, earlier or in this same step.
-            keys = torch.arange(kv_len, device=device)
-            mask = keys[None, None, None, :] <= positions[:, None, :, None]
-        slot_t = torch.tensor(slots, device=device)
+            mask = torch.arange(kv_len)[None, None, None, :] <= host[:, None, :, None]
+        slot_t = torch.tensor(slots)
+        device = self.k.device
+        return Step(positions.to(device), slot_t.to(device), None if mask is None else mask.to(device), kv_len,
+                    slots[0] if contiguous else None, self._write_index(slot_t, host).to(device))
+
+    def single_step(self, slot: int, positions: torch.Tensor) -> Step:
+        """The Step for one new token of the sequence in `slot` at positions [1, 1] (on the cache's device),
+        attending over the whole cache behind a mask.
+
+        Every step has the same shapes, and nothing is read back to the host: a compiled or captured
+        decode step builds this itself. The caller checks the position is inside the cache.
+        """
+        mask = torch.arange(self.max_len, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
+        slot_t = torch.full((1,), slot, device=positions.device)
+        return Step(positions, slot_t, mask, self.max_len, slot, self._write_index(slot_t, positions))
+
+    def _write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # Row (slot, head, position) of a layer viewed as [slots * heads * max_len, head_dim], in the
         # order of k.reshape(-1, head_dim) for k [B, H, T, D]: one index_copy_ per layer writes them all.
-        heads = torch.arange(self.k.shape[2], device=device)
-        write = ((slot_t[:, None, None] * self.k.shape[2] + heads[None, :, None]) * self.max_len
-                 + positions[:, None, :]).flatten()
-        return Step(positions, slot_t, mask, kv_len, slots[0] if contiguous else None, write)
+        heads = torch.arange(self.k.shape[2], device=positions.device)
+        return ((slots[:, None, None] * self.k.shape[2] + heads[None, :, None]) * self.max_len
+                + positions[:, None, :]).flatten()
 
     def update(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, H, T, D] at the step's positions; return this batch's keys and values."""

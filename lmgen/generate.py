@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-import warnings
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -114,7 +112,7 @@ def prefill(model, cache: KVCache, prompts: Seq[list[int]], slots: list[int]) ->
     # Right padding is harmless: a pad token writes keys past its row's length, and every
     # one of those positions is rewritten by the row's own decode step before it is read.
     tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=device)
-    positions = torch.arange(width, device=device).expand(len(prompts), width)
+    positions = torch.arange(width).expand(len(prompts), width)  # on the CPU: the cache builds its indices there
     out = [None] * len(prompts)
     for start in range(0, width, PREFILL_CHUNK):
         end = min(start + PREFILL_CHUNK, width)
@@ -131,49 +129,13 @@ def prefill(model, cache: KVCache, prompts: Seq[list[int]], slots: list[int]) ->
 def decode_step(model, cache: KVCache, seqs: Seq[Sequence], run=None) -> torch.Tensor:
     """Feed each sequence's newest token; return the next logits [B, V].
 
-    `run` (from compile_decode) takes a lone sequence's step, over the whole cache so its shapes stay fixed.
+    `run` (a CompiledDecode) takes a lone sequence's step.
     """
-    device = cache.k.device
-    tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=device)
-    positions = torch.tensor([[s.length - 1] for s in seqs], device=device)
-    slots = [s.slot for s in seqs]
+    positions = torch.tensor([[s.length - 1] for s in seqs])  # on the CPU: the cache builds its indices there
     if run is not None and len(seqs) == 1:
-        return run(tokens, cache.step(slots, positions, full=True), cache)[:, -1]
-    return model(tokens, positions, cache, slots)[:, -1]
-
-
-def _own_code(method):
-    """The bound method on a private copy of its code: torch.compile keeps graphs and guards per code object."""
-    f = method.__func__
-    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    return types.MethodType(own, method.__self__)
-
-
-def compile_decode(model):
-    """model.run under torch.compile for single-sequence decode steps; falls back to eager if compiling fails.
-
-    The first compile takes minutes on a small CPU; torch caches the result on disk for later processes.
-    """
-    # cpp_wrapper: the graph's glue runs as C++ too, calling lmgen's native ops without Python (~20% faster).
-    # No guards on the model's ~400 weights (~0.9 ms a step): they never change after loading, and with its
-    # own code object this model never meets another model's graphs. Guards on the step and the cache stay,
-    # so a new cache size still compiles a new graph.
-    options = {"cpp_wrapper": True}
-    if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # torch >= 2.8
-        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    compiled = torch.compile(_own_code(model.run), dynamic=False, options=options)
-    failed: list[str] = []
-
-    def run(tokens, step, cache):
-        if not failed:
-            try:
-                return compiled(tokens, step, cache)
-            except Exception as e:  # no C++ compiler, unsupported op...: eager gives the same answer, slower
-                failed.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                warnings.warn(f"torch.compile failed, decoding without it ({failed[0][:200]})", stacklevel=2)
-        return model.run(tokens, step, cache)
-
-    return run
+        return run(torch.tensor([[seqs[0].tokens[-1]]]), positions, cache, seqs[0].slot)[:, -1]
+    tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=cache.k.device)
+    return model(tokens, positions, cache, [s.slot for s in seqs])[:, -1]
 
 
 def generate_tokens(model, cache: KVCache, seqs: list[Sequence], max_length: int,

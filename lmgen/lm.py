@@ -10,7 +10,8 @@ import torch
 
 from . import sampling
 from .cache import KVCache
-from .generate import Generation, Sequence, TokenLogprob, compile_decode, generate_tokens, token_logprob
+from .compiled import CompiledDecode
+from .generate import Generation, Sequence, TokenLogprob, generate_tokens, token_logprob
 from .params import GenerationConfig
 from .stopping import TextTracker
 from .tokenizer import Tokenizer
@@ -39,8 +40,11 @@ class LM:
         self._compiled = None
 
     def compile(self) -> "LM":
-        """Compile single-sequence decoding with torch.compile (CPU: minutes the first time, then cached)."""
-        self._compiled = compile_decode(self.model)
+        """Compile single-sequence decoding with torch.compile, and on a GPU replay it as a CUDA graph.
+
+        On a small CPU the first compile takes minutes; torch caches it on disk for later processes.
+        """
+        self._compiled = CompiledDecode(self.model)
         return self
 
     @property

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import gguf
 import numpy as np
 import pytest
@@ -269,36 +267,6 @@ def test_a_checkpoint_missing_part_of_a_fused_linear_is_named(tiny_llama_dir, tm
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CorruptFileError, match=r"model\.layers\.1\.self_attn lacks v_proj"):
         lmgen.load(tmp_path)
-
-
-# both in one process: each model compiles its own graphs (int4: the native kernels as opaque ops in the graph)
-@pytest.mark.parametrize("quantize", [None, "int4"])
-def test_compiled_single_sequence_decoding_matches_eager(tiny_llama_dir, quantize):
-    eager = lmgen.load(tiny_llama_dir, quantize=quantize)
-    compiled = lmgen.load(tiny_llama_dir, quantize=quantize).compile()
-    want = eager.generate(SEED_PROMPT, max_new_tokens=12, ignore_eos=True)[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # a failed compile warns and decodes eagerly: not here
-        got = compiled.generate(SEED_PROMPT, max_new_tokens=12, ignore_eos=True)[0]
-    assert got.token_ids == want.token_ids
-    assert compiled._cache.max_len == 128  # the compiled step reads a whole power-of-two cache behind a mask
-    # batches still decode eagerly, and agree with the single-sequence results
-    both = compiled.generate([SEED_PROMPT, SEED_PROMPT + " again"], max_new_tokens=12, ignore_eos=True)
-    assert both[0].token_ids == want.token_ids
-
-
-def test_a_failed_compile_falls_back_to_eager_with_a_warning(tiny_llama_dir, monkeypatch):
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("no C++ compiler found")
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    lm = lmgen.load(tiny_llama_dir).compile()
-    want = lmgen.load(tiny_llama_dir).generate(SEED_PROMPT, max_new_tokens=6, ignore_eos=True)[0].token_ids
-    with pytest.warns(UserWarning, match="torch.compile failed, decoding without it.*no C\\+\\+ compiler"):
-        got = lm.generate(SEED_PROMPT, max_new_tokens=6, ignore_eos=True)[0].token_ids
-    assert got == want
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -21,10 +21,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     if cache is not None:
         k, v = cache.update(layer, step, k, v)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    if q.is_cuda and q.shape[1] != k.shape[1]:
+        out = grouped_attention(q, k, v, step.mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
     b, h, t, d = out.shape
     return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float | None = None) -> torch.Tensor:
+    """Grouped-query attention as plain attention: each key head's query heads become extra query rows.
+
+    CUDA's fused kernels take a mask or grouped heads, not both (that falls back to a copy of every
+    key per query head); as rows, the groups need neither. q [B, Hq, T, D], k, v [B, Hkv, S, D],
+    mask [B, 1, T, S] or None -> [B, Hq, T, D].
+    """
+    b, hq, t, d = q.shape
+    groups = hq // k.shape[1]
+    q = q.reshape(b, k.shape[1], groups * t, d)  # query head h = kv head h // groups; rows (group, t)
+    if mask is not None:
+        mask = mask.repeat(1, 1, groups, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(b, hq, t, d)
 
 
 def embedding(rows: int, dim: int) -> nn.Embedding:

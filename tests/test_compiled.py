@@ -1,0 +1,94 @@
+"""Compiled decoding: torch.compile's fixed-shape step against eager, the step it builds, and CUDA graphs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmgen
+from lmgen.cache import KVCache
+from lmgen.compiled import compile_options
+from lmgen.models.layers import grouped_attention
+
+from .conftest import SEED_PROMPT
+
+
+# both in one process: each model compiles its own graphs (int4: the native kernels as opaque ops in the graph)
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_compiled_single_sequence_decoding_matches_eager(tiny_llama_dir, quantize):
+    eager = lmgen.load(tiny_llama_dir, quantize=quantize)
+    compiled = lmgen.load(tiny_llama_dir, quantize=quantize).compile()
+    want = eager.generate(SEED_PROMPT, max_new_tokens=12, ignore_eos=True)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a failed compile warns and decodes eagerly: not here
+        got = compiled.generate(SEED_PROMPT, max_new_tokens=12, ignore_eos=True)[0]
+    assert got.token_ids == want.token_ids
+    assert compiled._cache.max_len == 128  # the compiled step reads a whole power-of-two cache behind a mask
+    # batches still decode eagerly, and agree with the single-sequence results
+    both = compiled.generate([SEED_PROMPT, SEED_PROMPT + " again"], max_new_tokens=12, ignore_eos=True)
+    assert both[0].token_ids == want.token_ids
+
+
+def test_a_failed_compile_falls_back_to_eager_with_a_warning(tiny_llama_dir, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    lm = lmgen.load(tiny_llama_dir).compile()
+    want = lmgen.load(tiny_llama_dir).generate(SEED_PROMPT, max_new_tokens=6, ignore_eos=True)[0].token_ids
+    with pytest.warns(UserWarning, match="torch.compile failed, decoding without it.*no C\\+\\+ compiler"):
+        got = lm.generate(SEED_PROMPT, max_new_tokens=6, ignore_eos=True)[0].token_ids
+    assert got == want
+
+
+def test_grouped_attention_equals_attention_over_repeated_key_heads():
+    torch.manual_seed(0)
+    for t, s in [(1, 16), (5, 12)]:
+        q, k, v = torch.randn(2, 6, t, 8), torch.randn(2, 2, s, 8), torch.randn(2, 2, s, 8)
+        positions = torch.arange(s - t, s).expand(2, t) - torch.tensor([[0], [2]])  # row 1 two tokens shorter
+        mask = torch.arange(s)[None, None, None, :] <= positions[:, None, :, None]
+        for m in (mask, None):
+            # query head h reads key head h // 3, as Hugging Face's repeat_kv lays them out
+            want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=m)
+            torch.testing.assert_close(grouped_attention(q, k, v, m), want)
+
+
+def test_a_single_step_reads_and_writes_what_a_general_step_does(tiny_llama_dir):
+    model = lmgen.load(tiny_llama_dir).model
+    prompt = torch.tensor([[464, 2068, 7586, 21831]])
+    caches, logits = [], []
+    for single in (False, True):
+        cache = KVCache.for_model(model, n_slots=3, max_len=32)
+        model(prompt, torch.arange(4)[None], cache, [2])
+        token, position = torch.tensor([[11687]]), torch.tensor([[4]])
+        if single:  # what a compiled step runs: the whole cache behind a mask
+            logits.append(model.run(token, cache.single_step(2, position), cache))
+        else:
+            logits.append(model(token, position, cache, [2]))
+        caches.append(cache)
+    torch.testing.assert_close(logits[1], logits[0])
+    torch.testing.assert_close(caches[1].k[:, 2, :, :5], caches[0].k[:, 2, :, :5])
+    assert caches[1].k[:, :2].abs().sum() == 0  # no other slot written
+
+
+def test_the_gpu_step_is_captured_by_lmgen_not_by_inductors_graph_trees():
+    assert compile_options(torch.device("cpu"))["cpp_wrapper"]  # the CPU graph's glue runs as C++
+    cuda = compile_options(torch.device("cuda"))
+    assert not cuda.get("triton.cudagraphs") and not cuda.get("cpp_wrapper")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (CI has none)")
+def test_cuda_graph_decoding_matches_eager(tiny_llama_dir):
+    eager = lmgen.load(tiny_llama_dir, device="cuda", dtype="float32")
+    graphed = lmgen.load(tiny_llama_dir, device="cuda", dtype="float32").compile()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a failed capture warns and decodes without graphs: not here
+        for prompt in (SEED_PROMPT, SEED_PROMPT + " and over again"):  # the second replays the first's graph
+            want = eager.generate(prompt, max_new_tokens=12, ignore_eos=True)[0].token_ids
+            assert graphed.generate(prompt, max_new_tokens=12, ignore_eos=True)[0].token_ids == want
+    assert graphed._compiled.use_graphs and len(graphed._compiled.graphs) == 1
