@@ -58,7 +58,9 @@ class CompiledDecode:
             try:
                 if self.use_graphs:
                     return self._graph_step(tokens, positions, cache, slot)
-                return self.compiled(tokens.to(self.device), positions.to(self.device), cache, slot)
+                # fresh tensors, made here in inference mode: the graph's guards hold whoever made the inputs
+                return self.compiled(tokens.to(self.device, copy=True), positions.to(self.device, copy=True),
+                                     cache, slot)
             except Exception as e:  # no C++ compiler, unsupported op...: eager gives the same answer, slower
                 self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 warnings.warn(f"torch.compile failed, decoding without it ({self.failed[:200]})", stacklevel=3)

@@ -46,6 +46,21 @@ def test_a_failed_compile_falls_back_to_eager_with_a_warning(tiny_llama_dir, mon
     assert got == want
 
 
+def test_the_compiled_step_called_from_outside_generation_reuses_its_graph(tiny_llama_dir):
+    from torch._dynamo.utils import counters
+
+    lm = lmgen.load(tiny_llama_dir).compile()
+    lm.generate(SEED_PROMPT, max_new_tokens=3, ignore_eos=True)  # compiles, inside inference mode
+    graphs = counters["stats"]["unique_graphs"]
+    cache = lm._cache
+    slot = cache.allocate()
+    out = lm._compiled(torch.tensor([[5]]), torch.tensor([[9]]), cache, slot)  # tensors made outside it
+    assert counters["stats"]["unique_graphs"] == graphs
+    with torch.inference_mode():
+        want = lm.model(torch.tensor([[5]]), torch.tensor([[9]]), cache, [slot])
+    torch.testing.assert_close(out, want)
+
+
 def test_grouped_attention_equals_attention_over_repeated_key_heads():
     torch.manual_seed(0)
     for t, s in [(1, 16), (5, 12)]:
