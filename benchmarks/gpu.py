@@ -138,7 +138,7 @@ def bytes_per_token(lm, context: int) -> int:
 
 def step_time(lm, device: torch.device, steps: int = 100) -> float:
     """Seconds per compiled decode step alone (no sampling or Python around it), at position 64."""
-    cache = lm._cache
+    cache = lm._caches["main"]
     tokens, positions = torch.tensor([[5]]), torch.tensor([[64]])
     slot = cache.allocate()
     try:

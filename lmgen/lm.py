@@ -36,7 +36,7 @@ class LM:
         self.tokenizer = tokenizer
         self.name = name
         self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else tokenizer.eos_token_ids)
-        self._cache: KVCache | None = None
+        self._caches: dict[str, KVCache] = {}  # "main", and "batch" for a compiled LM's batches: see _cache_for
         self._compiled = None
 
     def compile(self) -> "LM":
@@ -218,14 +218,18 @@ class LM:
         return out
 
     def _cache_for(self, n_slots: int, max_length: int) -> KVCache:
-        c = self._cache
+        # A compiled step is compiled (and on a GPU captured) for its cache's shape: a compiled LM keeps its
+        # batches (decoded eagerly) in a second cache, so a batch in between costs no recompile.
+        key = "batch" if self._compiled is not None and n_slots > 1 else "main"
+        c = self._caches.pop(key, None)
         if c is None or c.n_slots < n_slots or c.max_len < max_length or c.free_slots < c.n_slots:
-            c = self._cache = None  # free the old one before allocating
+            c = None  # free the old one before allocating
             if self._compiled is None:
                 length = min(self.context_length, -(-max_length // 16) * 16)  # a little room to reuse it
             else:  # a compiled step has fixed shapes: power-of-two lengths from 128, each compiled once
                 length = min(self.context_length, 1 << max(7, (max_length - 1).bit_length()))
-            c = self._cache = KVCache.for_model(self.model, n_slots, length)
+            c = KVCache.for_model(self.model, n_slots, length)
+        self._caches[key] = c
         return c
 
     def result(self, s: Sequence) -> Generation:

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import lmgen
 from lmgen.cache import KVCache
@@ -26,10 +27,14 @@ def test_compiled_single_sequence_decoding_matches_eager(tiny_llama_dir, quantiz
         warnings.simplefilter("error", UserWarning)  # a failed compile warns and decodes eagerly: not here
         got = compiled.generate(SEED_PROMPT, max_new_tokens=12, ignore_eos=True)[0]
     assert got.token_ids == want.token_ids
-    assert compiled._cache.max_len == 128  # the compiled step reads a whole power-of-two cache behind a mask
+    assert compiled._caches["main"].max_len == 128  # the compiled step reads a whole power-of-two cache behind a mask
     # batches still decode eagerly, and agree with the single-sequence results
+    graphs = counters["stats"]["unique_graphs"]
     both = compiled.generate([SEED_PROMPT, SEED_PROMPT + " again"], max_new_tokens=12, ignore_eos=True)
     assert both[0].token_ids == want.token_ids
+    # a batch keeps its own cache: the single-sequence step after it needs no new graph
+    assert compiled.generate(SEED_PROMPT, max_new_tokens=12, ignore_eos=True)[0].token_ids == want.token_ids
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_failed_compile_falls_back_to_eager_with_a_warning(tiny_llama_dir, monkeypatch):
@@ -47,12 +52,10 @@ def test_a_failed_compile_falls_back_to_eager_with_a_warning(tiny_llama_dir, mon
 
 
 def test_the_compiled_step_called_from_outside_generation_reuses_its_graph(tiny_llama_dir):
-    from torch._dynamo.utils import counters
-
     lm = lmgen.load(tiny_llama_dir).compile()
     lm.generate(SEED_PROMPT, max_new_tokens=3, ignore_eos=True)  # compiles, inside inference mode
     graphs = counters["stats"]["unique_graphs"]
-    cache = lm._cache
+    cache = lm._caches["main"]
     slot = cache.allocate()
     out = lm._compiled(torch.tensor([[5]]), torch.tensor([[9]]), cache, slot)  # tensors made outside it
     assert counters["stats"]["unique_graphs"] == graphs

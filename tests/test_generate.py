@@ -81,7 +81,7 @@ def test_stopping_a_stream_early_frees_its_slot(tiny_gpt2):
     stream = tiny_gpt2.stream(SEED_PROMPT, max_new_tokens=50)
     next(stream)
     stream.close()
-    cache = tiny_gpt2._cache
+    cache = tiny_gpt2._caches["main"]
     assert cache.free_slots == cache.n_slots
 
 
