@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="with --json: one JSON line per token")
     gen.add_argument("--logprobs", type=int, default=None, metavar="N", help="with --json: top-N logprobs per token")
     gen.add_argument("--compile", action="store_true",
-                     help="torch.compile single-sequence decoding (first run compiles for minutes; then cached)")
+                     help="torch.compile single-sequence decoding, replayed as a CUDA graph on a GPU "
+                          "(on a CPU the first run compiles for minutes; then cached)")
 
     probs = sub.add_parser("probs", help="show the next-token distribution")
     probs.add_argument("prompt", nargs="?", default=SEED_PROMPT, help="the text ('-' reads stdin)")
