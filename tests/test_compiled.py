@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -110,3 +111,74 @@ def test_cuda_graph_decoding_matches_eager(tiny_llama_dir):
             want = eager.generate(prompt, max_new_tokens=12, ignore_eos=True)[0].token_ids
             assert graphed.generate(prompt, max_new_tokens=12, ignore_eos=True)[0].token_ids == want
     assert graphed._compiled.use_graphs and len(graphed._compiled.graphs) == 1
+
+
+class FakeCUDA:
+    """Stand-ins for torch.cuda's streams and graphs on the CPU: "capturing" records the step's call, and a
+    replay runs it again on the recorded (static) inputs, writing into the recorded output as a graph would."""
+
+    def __init__(self, model, wrong_replay: bool = False):
+        self.model, self.wrong_replay = model, wrong_replay
+        self.capturing, self.recorded, self.replays = False, None, 0
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+                tokens, positions, cache, slot, out = self.call
+                logits = fake.model.run(tokens, cache.single_step(slot, positions), cache)
+                out.copy_(logits + 1 if fake.wrong_replay else logits)
+
+        class Stream:
+            def __init__(self, *args):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g):
+            self.capturing = True
+            yield
+            self.capturing = False
+            g.call = self.recorded
+
+        self.patches = {"CUDAGraph": Graph, "Stream": Stream, "current_stream": lambda *a: Stream(),
+                        "stream": lambda s: contextlib.nullcontext(), "graph": graph}
+
+    def step(self, tokens, positions, cache, slot):
+        out = self.model.run(tokens, cache.single_step(slot, positions), cache)
+        if self.capturing:
+            self.recorded = (tokens, positions, cache, slot, out)
+        return out
+
+
+def graphed(lm, monkeypatch, **kw) -> FakeCUDA:
+    """lm.compile() as on a GPU, with FakeCUDA's graphs in place of CUDA's and the eager step in place of inductor's."""
+    fake = FakeCUDA(lm.model, **kw)
+    for name, value in fake.patches.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    lm.compile()
+    lm._compiled.compiled, lm._compiled.use_graphs = fake.step, True
+    return fake
+
+
+def test_graph_replays_see_each_steps_new_inputs(tiny_llama_dir, monkeypatch):
+    want = lmgen.load(tiny_llama_dir).generate(SEED_PROMPT, max_new_tokens=10, ignore_eos=True)[0].token_ids
+    lm = lmgen.load(tiny_llama_dir)
+    fake = graphed(lm, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert lm.generate(SEED_PROMPT, max_new_tokens=10, ignore_eos=True)[0].token_ids == want
+        assert lm.generate(SEED_PROMPT, max_new_tokens=10, ignore_eos=True)[0].token_ids == want  # same graph
+    assert len(lm._compiled.graphs[lm._caches["main"]]) == 1  # one graph, for slot 0 of this cache
+    assert fake.replays == 1 + 8 + 9  # the capture's check, then every later step of both runs
+
+
+def test_a_graph_that_replays_wrong_is_dropped_with_a_warning(tiny_llama_dir, monkeypatch):
+    want = lmgen.load(tiny_llama_dir).generate(SEED_PROMPT, max_new_tokens=6, ignore_eos=True)[0].token_ids
+    lm = lmgen.load(tiny_llama_dir)
+    graphed(lm, monkeypatch, wrong_replay=True)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed.*differ from the compiled step's"):
+        assert lm.generate(SEED_PROMPT, max_new_tokens=6, ignore_eos=True)[0].token_ids == want
+    assert not lm._compiled.use_graphs
