@@ -176,10 +176,8 @@ def bench_lmgen(folder: Path, tokens: int, device: torch.device, compiled: bool,
     out = {"load_s": time.perf_counter() - t0}
     out["b1_tok_s"] = tokens / timed(lambda: lm.generate(short, max_new_tokens=tokens, ignore_eos=True), device)
     if compiled:
-        from torch._dynamo.utils import counters
-
         out["step_s"] = step_time(lm, device)
-        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        out["cuda_graphs"] = lm._compiled.use_graphs  # False: capture failed and the step ran without graphs
         if profile_to is not None and device.type == "cuda":
             profile_step(lm, device, profile_to)
     out["bytes_per_token"] = bytes_per_token(lm, len(short) + tokens // 2)
