@@ -156,6 +156,12 @@ def divergence(reference: list[int], other: list[int]) -> tuple[int | None, floa
     return first, same / max(len(reference), 1)
 
 
+def agreement(reference: list[int], other: list[int]) -> str:
+    """"identical", or where `other` first differs from `reference` and the share of matching tokens."""
+    first, share = divergence(reference, other)
+    return "identical" if first is None else f"token {first}, {share:.0%} match"
+
+
 def machine() -> str:
     import torch
 
@@ -181,13 +187,12 @@ def table(results: dict[str, dict], tokens: int) -> str:
 
     fp32 = results.get("lmgen-float32", {})
 
-    def agreement(r):
+    def against_fp32(r):
         if not (r.get("greedy_ids") and fp32.get("greedy_ids")):
             return "-"
         if r["prompt_ids"] != fp32["prompt_ids"]:
             return "other prompt ids"
-        first, share = divergence(fp32["greedy_ids"], r["greedy_ids"])
-        return "identical" if first is None else f"token {first}, {share:.0%} match"
+        return agreement(fp32["greedy_ids"], r["greedy_ids"])
 
     lines = [f"Model: SmolLM2-135M-Instruct (embedded GGUF), {tokens} new tokens, greedy at batch 1, "
              "sampled at batch 16 (aggregate tokens/s); each timing the median of three runs.", "",
@@ -201,7 +206,7 @@ def table(results: dict[str, dict], tokens: int) -> str:
         lines.append(f"| {name} | {r['weights']} | {num(r, 'b1_tok_s', '.1f')} | {ratio(r, ref, 'b1_tok_s')} | "
                      f"{ratio(r, cpp, 'b1_tok_s')} | {num(r, 'b16_tok_s', '.1f')} | {ratio(r, ref, 'b16_tok_s')} | "
                      f"{num(r, 'ttft512_s', '.2f')} | {num(r, 'rss_mb', '.0f')} | {num(r, 'load_s', '.1f')} | "
-                     f"{agreement(r)} |")
+                     f"{against_fp32(r)} |")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
+import bench  # benchmarks/bench.py beside this file: its timing and token agreement
 import torch
 
 SHAPES = {  # Hugging Face LlamaConfig fields
@@ -37,7 +38,6 @@ SHAPES = {  # Hugging Face LlamaConfig fields
                  rope_theta=10000.0, tie_word_embeddings=True),
 }
 EOS = 0
-REPEATS = 3  # each timing is the median of this many runs
 
 
 def sync(device: torch.device) -> None:
@@ -46,15 +46,8 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn, device: torch.device) -> float:
-    """The median wall time of REPEATS calls of fn, in seconds."""
-    times = []
-    for _ in range(REPEATS):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    """bench.timed for device work: each run ends when the device is done."""
+    return bench.timed(lambda: (fn(), sync(device)))
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -206,18 +199,13 @@ def float32_parity(folder: Path, tokens: int, device: torch.device) -> str:
     got = lm.generate(short, max_new_tokens=tokens, ignore_eos=True)[0].token_ids
     diff, scale = float((lm.next_token_logits(short) - want_logits).abs().max()), float(want_logits.abs().max())
     return (f"float32 on the device, lmgen against transformers: greedy {tokens} tokens "
-            f"{agreement(want, got)}; last logits differ by at most {diff:.2e} (of {scale:.1f})")
-
-
-def agreement(ref: list[int], other: list[int]) -> str:
-    first = next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), None)
-    same = sum(a == b for a, b in zip(ref, other)) / max(len(ref), 1)
-    return "identical" if first is None else f"token {first}, {same:.0%} match"
+            f"{bench.agreement(want, got)}; last logits differ by at most {diff:.2e} (of {scale:.1f})")
 
 
 def table(rows: list[tuple[str, str, dict]], bandwidth: float, tokens: int) -> str:
     lines = [f"{tokens} new tokens; batch 1 greedy, batch 16 sampled (all tokens/s); bfloat16 random weights; "
-             f"device copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write); timings are medians of {REPEATS}.",
+             f"device copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write); "
+             f"timings are medians of {bench.REPEATS}.",
              "", "| model | engine | b1 tok/s | vs transformers | b1 GB/s (share of copy bw) | graph step (ms) "
              "| b16 tok/s | vs transformers | TTFT 512 (s) | vs transformers | load (s) | greedy vs transformers "
              "| last-logit max diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -241,7 +229,7 @@ def table(rows: list[tuple[str, str, dict]], bandwidth: float, tokens: int) -> s
                 step_rate = r["bytes_per_token"] / r["step_s"]
                 gbs += f"; step alone {step_rate / 1e9:.0f} ({step_rate / bandwidth:.0%})"
         step = f"{r['step_s'] * 1e3:.3f}" if r.get("step_s") else "-"
-        same = agreement(ref["greedy_ids"], r["greedy_ids"]) if engine != "transformers" and ref else "-"
+        same = bench.agreement(ref["greedy_ids"], r["greedy_ids"]) if engine != "transformers" and ref else "-"
         diff = "-"
         if engine != "transformers" and ref:
             diff = f"{float((r['logits'] - ref['logits']).abs().max()):.3f} of {float(ref['logits'].abs().max()):.1f}"
