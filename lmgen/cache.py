@@ -96,9 +96,7 @@ class KVCache:
         dozen tiny kernels and a wait; positions given on the CPU cost no wait at all.
         """
         host = positions.cpu()
-        kv_len = int(host.max()) + 1
-        if kv_len > self.max_len:
-            raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
+        kv_len = self.check_positions(host) + 1
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         mask = None  # one new token sees all of its slot: no mask (faster attention)
         if host.shape != (1, 1):
@@ -110,12 +108,19 @@ class KVCache:
         return Step(positions.to(device), slot_t.to(device), None if mask is None else mask.to(device), kv_len,
                     slots[0] if contiguous else None, self._write_index(slot_t, host).to(device))
 
+    def check_positions(self, positions: torch.Tensor) -> int:
+        """The furthest of `positions` (on the CPU); ValueError if it is beyond the cache."""
+        last = int(positions.max())
+        if last >= self.max_len:
+            raise ValueError(f"position {last} is beyond the cache length {self.max_len}")
+        return last
+
     def single_step(self, slot: int, positions: torch.Tensor) -> Step:
         """The Step for one new token of the sequence in `slot` at positions [1, 1] (on the cache's device),
         attending over the whole cache behind a mask.
 
         Every step has the same shapes, and nothing is read back to the host: a compiled or captured
-        decode step builds this itself. The caller checks the position is inside the cache.
+        decode step builds this itself. The caller checks the position (check_positions).
         """
         mask = torch.arange(self.max_len, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
         slot_t = torch.full((1,), slot, device=positions.device)

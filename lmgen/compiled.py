@@ -52,15 +52,12 @@ class CompiledDecode:
 
     @torch.inference_mode()  # as generation runs: tensors made while capturing are inference tensors
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
-        if int(positions.max()) >= cache.max_len:
-            raise ValueError(f"position {int(positions.max())} is beyond the cache length {cache.max_len}")
+        cache.check_positions(positions)
         if self.failed is None:
             try:
                 if self.use_graphs:
                     return self._graph_step(tokens, positions, cache, slot)
-                # fresh tensors, made here in inference mode: the graph's guards hold whoever made the inputs
-                return self.compiled(tokens.to(self.device, copy=True), positions.to(self.device, copy=True),
-                                     cache, slot)
+                return self._compiled_step(tokens, positions, cache, slot)
             except Exception as e:  # no C++ compiler, unsupported op...: eager gives the same answer, slower
                 self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 warnings.warn(f"torch.compile failed, decoding without it ({self.failed[:200]})", stacklevel=3)
@@ -77,8 +74,12 @@ class CompiledDecode:
             self.use_graphs = False
             warnings.warn(f"CUDA graph capture failed, decoding with the compiled step alone "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})", stacklevel=4)
-            return self.compiled(tokens.to(self.device), positions.to(self.device), cache, slot)
+            return self._compiled_step(tokens, positions, cache, slot)
         return captured[slot].out.clone()  # capturing ran this step already
+
+    def _compiled_step(self, tokens, positions, cache, slot):
+        # fresh tensors, made here in inference mode: the graph's guards hold whoever made the inputs
+        return self.compiled(tokens.to(self.device, copy=True), positions.to(self.device, copy=True), cache, slot)
 
 
 class CapturedStep:

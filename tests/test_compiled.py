@@ -63,6 +63,8 @@ def test_the_compiled_step_called_from_outside_generation_reuses_its_graph(tiny_
     with torch.inference_mode():
         want = lm.model(torch.tensor([[5]]), torch.tensor([[9]]), cache, [slot])
     torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match=f"position {cache.max_len} is beyond the cache length {cache.max_len}"):
+        lm._compiled(torch.tensor([[5]]), torch.tensor([[cache.max_len]]), cache, slot)
 
 
 def test_grouped_attention_equals_attention_over_repeated_key_heads():

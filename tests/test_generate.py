@@ -108,6 +108,13 @@ def test_a_batch_takes_the_lowest_free_slots_so_its_cache_rows_are_contiguous():
     assert step.slot_start == 0  # read as a view of the cache, not gathered
 
 
+def test_a_position_beyond_the_cache_is_an_error_naming_it():
+    cache = KVCache(n_layers=1, n_slots=2, max_len=8, n_kv_heads=1, head_dim=4)
+    with pytest.raises(ValueError, match="position 8 is beyond the cache length 8"):
+        cache.step([0, 1], torch.tensor([[3], [8]]))
+    assert cache.step([0, 1], torch.tensor([[3], [7]])).kv_len == 8
+
+
 def test_a_freed_slot_is_reused_without_leaking_old_keys(tiny_gpt2):
     # Fill slot 0 with a long sequence, free it, then run a short one there: same tokens as in a fresh cache.
     cache = KVCache.for_model(tiny_gpt2.model, n_slots=1, max_len=64)
