@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random GPT-2 and Llama models saved as Hugging Face folders, and the embedded model."""
+"""Shared fixtures: tiny random GPT-2 and Llama models saved as Hugging Face folders, the embedded model, and
+lmgen's native kernels in both builds."""
 
 from __future__ import annotations
 
@@ -102,3 +103,16 @@ def smollm(embedded_path):
     import lmgen
 
     return lmgen.load()
+
+
+@pytest.fixture(scope="session", params=["native", "portable"])
+def ops(request):
+    """The kernels as this machine builds them, and as portable C (the path of CPUs without AVX2)."""
+    from lmgen import kernels
+
+    if request.param == "native":
+        assert kernels.native(), "the test machine has C and C++ compilers: the native kernels must build"
+        return torch.ops.lmgen
+    assert kernels.load("lmgen_portable", (["-O2", "-fopenmp"],))
+    assert not torch.ops.lmgen_portable.simd()
+    return torch.ops.lmgen_portable

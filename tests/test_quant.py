@@ -60,17 +60,6 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(x.shape)
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
-def ops(request):
-    """The kernels as this machine builds them, and as portable C (the path of CPUs without AVX2)."""
-    if request.param == "native":
-        assert kernels.native(), "the test machine has C and C++ compilers: the native kernels must build"
-        return torch.ops.lmgen
-    assert kernels.load("lmgen_portable", (["-O2", "-fopenmp"],))
-    assert not torch.ops.lmgen_portable.simd()
-    return torch.ops.lmgen_portable
-
-
 def test_int4_buffers_hold_the_codes_and_float16_scales():
     torch.manual_seed(0)
     blocks = quantize_q4(torch.randn(40, 96))
@@ -157,7 +146,7 @@ def test_int8_rows_quantize_per_row():
 def test_a_missing_compiler_is_a_warning_not_an_error(monkeypatch, tmp_path):
     monkeypatch.setenv("LMGEN_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    with pytest.warns(UserWarning, match="could not build lmgen's native kernels.*int4 layers run through torch"):
+    with pytest.warns(UserWarning, match="could not build lmgen's native kernels.*decoding attention run through"):
         assert kernels.build("lmgen_nothing") is None
     assert not any(tmp_path.rglob("*.so"))
 
@@ -166,7 +155,7 @@ def test_no_compiler_at_all_is_a_warning_not_an_error(monkeypatch, tmp_path):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find
-    with pytest.warns(UserWarning, match="no C and C\\+\\+ compiler found: int4 layers run through torch"):
+    with pytest.warns(UserWarning, match="no C and C\\+\\+ compiler found: int4 layers and decoding attention run"):
         assert kernels.build("lmgen_nothing") is None
 
 
@@ -197,6 +186,8 @@ def test_native_ops_name_bad_operands():
         torch.ops.lmgen.q4_matmul(torch.randn(2, 64).double(), layer.qs, layer.d, layer.m, None)
     with pytest.raises(RuntimeError, match="q4_matmul: expected a contiguous Byte \\[64, 16\\] weight part"):
         torch.ops.lmgen.q4_matmul(torch.randn(2, 32), layer.qs, layer.d, layer.m, None)
+    with pytest.raises(RuntimeError, match="q4_matmul: the weight's rows come in groups of 8, got 60 rows"):
+        torch.ops.lmgen.q4_matmul(torch.randn(2, 64), layer.qs[:60], layer.d[:60], layer.m[:60], None)
     with pytest.raises(RuntimeError, match="q8_matmul: scales must be float32"):
         torch.ops.lmgen.q8_matmul(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8).half())
 
@@ -283,5 +274,5 @@ def test_a_kernel_library_that_will_not_load_is_a_warning_not_an_error(monkeypat
     broken = tmp_path / "lmgen_broken.so"
     broken.write_bytes(b"not a shared library")
     monkeypatch.setattr(kernels, "build", lambda namespace, flag_sets: broken)
-    with pytest.warns(UserWarning, match="could not load .*lmgen_broken.so.*int4 layers run through torch"):
+    with pytest.warns(UserWarning, match="could not load .*lmgen_broken.so.*int4 layers and decoding attention run"):
         assert kernels.load("lmgen_broken") is False

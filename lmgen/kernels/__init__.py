@@ -1,9 +1,10 @@
 """Native CPU kernels as torch operators, built from source at first use and cached on disk.
 
-matmul.c holds the 4-bit and 8-bit weight matmuls behind quantize="int4" (plain C, with an AVX2 path);
-ops.cpp registers them as torch.ops.lmgen.q4_matmul, q8_matmul and q4_dequantize. Building needs a C and a C++ compiler
-(torch's headers ship with torch); without them the int4 layers fall back to torch: the same weights,
-slower. `native()` says which.
+matmul.c holds the 4-bit and 8-bit weight matmuls behind quantize="int4", attention.c the attention of
+a decoding step over the cached positions (plain C, with AVX2 paths); ops.cpp registers them as
+torch.ops.lmgen.q4_matmul, q8_matmul, q4_dequantize and decode_attention. Building needs a C and a C++
+compiler (torch's headers ship with torch); without them lmgen runs on torch alone: the same weights and
+results, slower. `native()` says which.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "matmul.c", HERE / "ops.cpp")
+C_SOURCES = (HERE / "matmul.c", HERE / "attention.c")
+SOURCES = (*C_SOURCES, HERE / "ops.cpp")
 # tried in order: the host's own vector units first, then portable C; OpenMP threads when the compiler has them
+WITHOUT = "int4 layers and decoding attention run through torch (slower)"  # what a failed build costs
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 
 
@@ -53,11 +56,12 @@ def _commands(cc: str, cxx: str, flags: list[str], namespace: str, tmp: Path, ou
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     openmp = [f for f in flags if f == "-fopenmp"]
     # -Bsymbolic: ops.o calls this library's own matmul.c even when another build (another namespace) is loaded
+    objects = [str(tmp / f"{c.stem}.o") for c in C_SOURCES]
     return [
-        [cc, *flags, "-ffp-contract=off", "-fPIC", "-c", str(SOURCES[0]), "-o", str(tmp / "matmul.o")],
+        *([cc, *flags, "-ffp-contract=off", "-fPIC", "-c", str(c), "-o", o] for c, o in zip(C_SOURCES, objects)),
         [cxx, "-O2", "-std=c++20", "-fPIC", abi, f"-DLMGEN_OPS={namespace}", "-w", "-I", str(torch_dir / "include"),
-         "-c", str(SOURCES[1]), "-o", str(tmp / "ops.o")],
-        [cxx, "-shared", "-Wl,-Bsymbolic", str(tmp / "ops.o"), str(tmp / "matmul.o"), *openmp,
+         "-c", str(SOURCES[-1]), "-o", str(tmp / "ops.o")],
+        [cxx, "-shared", "-Wl,-Bsymbolic", str(tmp / "ops.o"), *objects, *openmp,
          "-L", str(torch_dir / "lib"), "-Wl,-rpath," + str(torch_dir / "lib"), "-ltorch_cpu", "-lc10", "-lm",
          "-o", str(out)],
     ]
@@ -67,7 +71,7 @@ def build(namespace: str = "lmgen", flag_sets=FLAG_SETS) -> Path | None:
     """The operator library registering torch.ops.<namespace>, compiled now unless cached; None if it can't be."""
     tools = _compilers()
     if tools is None:
-        warnings.warn("no C and C++ compiler found: int4 layers run through torch (slower)", stacklevel=2)
+        warnings.warn(f"no C and C++ compiler found: {WITHOUT}", stacklevel=2)
         return None
     source = b"".join(s.read_bytes() for s in SOURCES)
     builds = []  # (flags, library path) in order of preference
@@ -85,7 +89,7 @@ def build(namespace: str = "lmgen", flag_sets=FLAG_SETS) -> Path | None:
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:  # includes an unwritable cache folder
             errors.append(str(e))
     warnings.warn(f"could not build lmgen's native kernels ({' / '.join(tools)}): {errors[-1]}; "
-                  "int4 layers run through torch (slower)", stacklevel=2)
+                  + WITHOUT, stacklevel=2)
     return None
 
 
@@ -108,7 +112,7 @@ def load(namespace: str = "lmgen", flag_sets=FLAG_SETS) -> bool:
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as e:  # e.g. a cached build that this process cannot link
-        warnings.warn(f"could not load {path}: {e}; int4 layers run through torch (slower)", stacklevel=2)
+        warnings.warn(f"could not load {path}: {e}; {WITHOUT}", stacklevel=2)
         return False
     return True
 

@@ -1,7 +1,12 @@
 /* Quantized-weight matmuls for CPU decoding: y[M,N] = x[M,K] @ W[N,K]^T (+ bias), K a multiple of 32.
  *
- * q4_matmul: W holds blocks of 32 weights, w = d * q + m with codes q in 0..15: `qs` [N, K/2] packs a
- * block's codes as GGUF does (byte j: code j low, code j + 16 high), `d` and `m` [N, K/32] are float16.
+ * q4_matmul: W holds blocks of 32 weights, w = d * q + m with codes q in 0..15 and float16 d, m. The rows
+ * are interleaved in groups of 8 (N a multiple of 8), so that one vector holds 4 codes of each of 8 rows and
+ * a multiply by 4 broadcast activations gives 8 outputs at once, with no horizontal sums. For row group g
+ * and block b (nb = K/32 blocks a row), at (g * nb + b):
+ *   qs: 128 bytes; byte 32j + 4r + t (j, t < 4, r < 8) holds code 4j + t of row 8g + r in its low nibble
+ *       and code 16 + 4j + t in its high nibble (within a row, GGUF's order: byte i holds codes i, i + 16);
+ *   d, m: 8 float16s, the block's scale and offset for rows 8g .. 8g + 7.
  * q8_matmul: W is int8 [N, K] with one float scale per row.
  * The activations are quantized to 8 bits per block of 32 (as llama.cpp's Q8_1), so each block's dot
  * product is an integer sum: w . x = d * dx * sum(q * qx) + m * sx, with sx = dx * sum(qx).
@@ -43,6 +48,27 @@ static inline float half_to_float(uint16_t h) {
 /* 8-bit blocks of one activation row: codes qx, scales dx, and sx = dx * sum(qx) per block */
 static void quantize_row(const float *x, int8_t *qx, float *dx, float *sx, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 32, qx += 32) {
+#if SIMD
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j] = _mm256_loadu_ps(x + 8 * j)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float a = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float d = a / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4];  /* rounded to nearest, ties to even, as lrintf */
+        for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(id)));
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        /* pack to bytes: packs interleave 128-bit lanes, the permute puts them back in order */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)qx, p);
+        dx[b] = d;
+        sx[b] = d * (float)_mm_cvtsi128_si32(s4);
+#else
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
         float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
@@ -54,6 +80,7 @@ static void quantize_row(const float *x, int8_t *qx, float *dx, float *sx, int64
         }
         dx[b] = d;
         sx[b] = d * (float)sum;
+#endif
     }
 }
 
@@ -65,53 +92,42 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-INLINE __m256i unpack(const uint8_t *qs) {  /* 16 bytes -> 32 codes: low nibbles, then high nibbles */
-    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
-    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(15));
+INLINE __m256i broadcast4(const int8_t *x) {  /* 4 activation bytes into every 32-bit lane */
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm256_set1_epi32(v);
 }
 
-INLINE __m256 block_dot(__m256i q, const int8_t *qx) {  /* 8 partial integer sums of q * qx, as floats */
-    __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)qx));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-}
-
-/* out[r * ldo] = W row . x row r for R rows; A accumulators per row hide the FMA latency */
-INLINE void q4_rows(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, const int8_t *qx, const float *dx,
-                     const float *sx, int64_t nb, const int R, const int A, float *out, int64_t ldo) {
+/* out[r * ldo + 0..7] = the 8 rows of group `wq` . x row r, for R activation rows.
+ * The int16 sums can't overflow: 8 products of pairs, each at most 2 * 15 * 127. */
+INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, const int8_t *qx, const float *dx,
+                     const float *sx, int64_t nb, const int R, float *out, int64_t ldo) {
     const int64_t K = nb * 32;
-    __m256 acc[R][A];
-    for (int r = 0; r < R; r++)
-        for (int a = 0; a < A; a++) acc[r][a] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {  /* 8 blocks at a time: their scales fill one vector */
-        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b)));
-        __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b)));
-        float s[R][8];
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc[R][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, wq += 128) {
+        __m256i sum[R][2];
+        for (int r = 0; r < R; r++) sum[r][0] = sum[r][1] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * j));
+            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for (int r = 0; r < R; r++) {
+                const int8_t *x = qx + r * K + b * 32 + 4 * j;
+                sum[r][0] = _mm256_add_epi16(sum[r][0], _mm256_maddubs_epi16(lo, broadcast4(x)));
+                sum[r][1] = _mm256_add_epi16(sum[r][1], _mm256_maddubs_epi16(hi, broadcast4(x + 16)));
+            }
+        }
+        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 8)));
+        __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 8)));
         for (int r = 0; r < R; r++) {
-            _mm256_storeu_ps(s[r], _mm256_mul_ps(d, _mm256_loadu_ps(dx + r * nb + b)));
-            acc[r][0] = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + r * nb + b), acc[r][0]);
-        }
-        for (int j = 0; j < 8; j++) {
-            __m256i q = unpack(wq + (b + j) * 16);
-            for (int r = 0; r < R; r++)
-                acc[r][j % A] = _mm256_fmadd_ps(block_dot(q, qx + r * K + (b + j) * 32),
-                                                _mm256_broadcast_ss(&s[r][j]), acc[r][j % A]);
+            __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(sum[r][0], sum[r][1]), ones));
+            __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[r * nb + b]));
+            acc[r][b & 1] = _mm256_fmadd_ps(dot, scale, acc[r][b & 1]);  /* two chains hide the FMA latency */
+            acc[r][b & 1] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[r * nb + b]), acc[r][b & 1]);
         }
     }
-    float tail[R];
-    for (int r = 0; r < R; r++) tail[r] = 0.0f;
-    for (; b < nb; b++) {
-        __m256i q = unpack(wq + b * 16);
-        float d = _cvtsh_ss(wd[b]), m = _cvtsh_ss(wm[b]);
-        for (int r = 0; r < R; r++) {
-            acc[r][0] = _mm256_fmadd_ps(block_dot(q, qx + r * K + b * 32), _mm256_set1_ps(d * dx[r * nb + b]), acc[r][0]);
-            tail[r] += m * sx[r * nb + b];
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        for (int a = 1; a < A; a++) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][a]);
-        out[r * ldo] = hsum(acc[r][0]) + tail[r];
-    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * ldo, _mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
 /* out[r * ldo] = scale * (int8 W row . x row r) for R rows */
@@ -140,20 +156,23 @@ INLINE void q8_rows(const int8_t *w, float scale, const int8_t *qx, const float 
     }
 }
 #else
-INLINE void q4_rows(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, const int8_t *qx, const float *dx,
-                     const float *sx, int64_t nb, const int R, const int A, float *out, int64_t ldo) {
-    (void)A;
-    for (int r = 0; r < R; r++) {
-        const int8_t *x = qx + r * nb * 32;
-        float sum = 0.0f;
-        for (int64_t b = 0; b < nb; b++, x += 32) {
-            const uint8_t *q = wq + b * 16;
-            int isum = 0;
-            for (int j = 0; j < 16; j++) isum += (q[j] & 15) * x[j] + (q[j] >> 4) * x[j + 16];
-            sum += half_to_float(wd[b]) * dx[r * nb + b] * (float)isum + half_to_float(wm[b]) * sx[r * nb + b];
+INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, const int8_t *qx, const float *dx,
+                     const float *sx, int64_t nb, const int R, float *out, int64_t ldo) {
+    for (int r = 0; r < R; r++)
+        for (int row = 0; row < 8; row++) {
+            float sum = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *q = wq + b * 128 + 4 * row;
+                const int8_t *x = qx + (r * nb + b) * 32;
+                int isum = 0;
+                for (int j = 0; j < 4; j++)
+                    for (int t = 0; t < 4; t++)
+                        isum += (q[32 * j + t] & 15) * x[4 * j + t] + (q[32 * j + t] >> 4) * x[16 + 4 * j + t];
+                sum += half_to_float(wd[b * 8 + row]) * dx[r * nb + b] * (float)isum +
+                       half_to_float(wm[b * 8 + row]) * sx[r * nb + b];
+            }
+            out[r * ldo + row] = sum;
         }
-        out[r * ldo] = sum;
-    }
 }
 
 INLINE void q8_rows(const int8_t *w, float scale, const int8_t *qx, const float *dx, int64_t nb, const int R,
@@ -179,29 +198,29 @@ typedef struct {
     const float *row_scale;      /* their scales */
 } weights;
 
-/* the rows [m0, m1) of y for weight row n */
-static void weight_row(const weights *w, int64_t n, const int8_t *qx, const float *dx, const float *sx,
-                       int64_t m0, int64_t m1, int64_t N, int64_t K, float *y) {
+/* the rows [m0, m1) of y for weight unit u: a group of 8 rows (4-bit) or one row (int8) */
+static void weight_unit(const weights *w, int64_t u, const int8_t *qx, const float *dx, const float *sx,
+                        int64_t m0, int64_t m1, int64_t N, int64_t K, float *y) {
     const int64_t nb = K / 32;
     int64_t i = m0;
     if (w->qs) {
-        const uint8_t *wq = w->qs + n * nb * 16;
-        const uint16_t *wd = w->d + n * nb, *wm = w->m + n * nb;
+        const uint8_t *wq = w->qs + u * nb * 128;
+        const uint16_t *wd = w->d + u * nb * 8, *wm = w->m + u * nb * 8;
         for (; i + 4 <= m1; i += 4)
-            q4_rows(wq, wd, wm, qx + i * K, dx + i * nb, sx + i * nb, nb, 4, 1, y + i * N + n, N);
+            q4_group(wq, wd, wm, qx + i * K, dx + i * nb, sx + i * nb, nb, 4, y + i * N + u * 8, N);
         for (; i < m1; i++)
-            q4_rows(wq, wd, wm, qx + i * K, dx + i * nb, sx + i * nb, nb, 1, 2, y + i * N + n, N);
+            q4_group(wq, wd, wm, qx + i * K, dx + i * nb, sx + i * nb, nb, 1, y + i * N + u * 8, N);
     } else {
-        const int8_t *wq = w->q8 + n * K;
+        const int8_t *wq = w->q8 + u * K;
         for (; i + 4 <= m1; i += 4)
-            q8_rows(wq, w->row_scale[n], qx + i * K, dx + i * nb, nb, 4, 1, y + i * N + n, N);
+            q8_rows(wq, w->row_scale[u], qx + i * K, dx + i * nb, nb, 4, 1, y + i * N + u, N);
         for (; i < m1; i++)
-            q8_rows(wq, w->row_scale[n], qx + i * K, dx + i * nb, nb, 1, 2, y + i * N + n, N);
+            q8_rows(wq, w->row_scale[u], qx + i * K, dx + i * nb, nb, 1, 2, y + i * N + u, N);
     }
 }
 
 static int matmul(const float *x, const weights *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K) {
-    const int64_t nb = K / 32;
+    const int64_t nb = K / 32, rows = w->qs ? 8 : 1, units = N / rows;
     int8_t *qx = malloc((size_t)(M * K) + 2 * sizeof(float) * (size_t)(M * nb));
     if (!qx) return -1;
     float *dx = (float *)(qx + M * K), *sx = dx + M * nb;
@@ -213,10 +232,11 @@ static int matmul(const float *x, const weights *w, const float *bias, float *y,
     for (int64_t m0 = 0; m0 < M; m0 += tile) {
         const int64_t m1 = m0 + tile < M ? m0 + tile : M;
 #pragma omp parallel for schedule(static) if (threads)
-        for (int64_t n = 0; n < N; n++) {
-            weight_row(w, n, qx, dx, sx, m0, m1, N, K, y);
+        for (int64_t u = 0; u < units; u++) {
+            weight_unit(w, u, qx, dx, sx, m0, m1, N, K, y);
             if (bias)
-                for (int64_t r = m0; r < m1; r++) y[r * N + n] += bias[n];
+                for (int64_t i = m0; i < m1; i++)
+                    for (int64_t n = u * rows; n < (u + 1) * rows; n++) y[i * N + n] += bias[n];
         }
     }
     free(qx);
@@ -241,14 +261,16 @@ void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *m, floa
     const int64_t nb = K / 32;
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
     for (int64_t n = 0; n < N; n++) {
+        const int64_t g = n / 8, r = n % 8;
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *q = qs + (n * nb + b) * 16;
-            const float scale = half_to_float(d[n * nb + b]), offset = half_to_float(m[n * nb + b]);
+            const uint8_t *q = qs + (g * nb + b) * 128 + 4 * r;
+            const float scale = half_to_float(d[(g * nb + b) * 8 + r]), offset = half_to_float(m[(g * nb + b) * 8 + r]);
             float *o = out + n * K + b * 32;
-            for (int j = 0; j < 16; j++) {
-                o[j] = scale * (float)(q[j] & 15) + offset;
-                o[j + 16] = scale * (float)(q[j] >> 4) + offset;
-            }
+            for (int j = 0; j < 4; j++)
+                for (int t = 0; t < 4; t++) {
+                    o[4 * j + t] = scale * (float)(q[32 * j + t] & 15) + offset;
+                    o[16 + 4 * j + t] = scale * (float)(q[32 * j + t] >> 4) + offset;
+                }
         }
     }
 }

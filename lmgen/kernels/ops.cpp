@@ -1,5 +1,6 @@
-// matmul.c's kernels as torch operators (lmgen::q4_matmul, q8_matmul, q4_dequantize): one dispatcher call from eager
-// code or from a torch.compile graph, with shape checks, and Meta kernels so the compiler can trace them.
+// matmul.c's and attention.c's kernels as torch operators (lmgen::q4_matmul, q8_matmul, q4_dequantize,
+// decode_attention): one dispatcher call from eager code or from a torch.compile graph, with shape checks,
+// and Meta kernels so the compiler can trace them.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -14,6 +15,8 @@ int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16
               int64_t M, int64_t N, int64_t K);
 int q8_matmul(const float *x, const int8_t *q8, const float *row_scale, float *y, int64_t M, int64_t N, int64_t K);
 void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *m, float *out, int64_t N, int64_t K);
+int decode_attention(const float *q, const float *k, const float *v, const int64_t *slots, const int64_t *positions,
+                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale);
 }
 
 namespace {
@@ -38,6 +41,7 @@ at::Tensor q4(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d, co
               const std::optional<at::Tensor> &bias) {
     check_input("q4_matmul", x);
     const int64_t n = d.size(0), k = x.size(1);
+    TORCH_CHECK(n % 8 == 0, "q4_matmul: the weight's rows come in groups of 8, got ", n, " rows");
     check_weight("q4_matmul", qs, at::kByte, n, k / 2);
     check_weight("q4_matmul", d, at::kHalf, n, k / 32);
     check_weight("q4_matmul", m, at::kHalf, n, k / 32);
@@ -71,12 +75,43 @@ at::Tensor q8(const at::Tensor &x, const at::Tensor &q, const at::Tensor &scales
 void q4_dequant(const at::Tensor &qs, const at::Tensor &d, const at::Tensor &m, at::Tensor &out) {
     TORCH_CHECK(d.dim() == 2, "q4_dequantize: d must be [N, K/32], got ", d.sizes());
     const int64_t n = d.size(0), k = d.size(1) * 32;
+    TORCH_CHECK(n % 8 == 0, "q4_dequantize: the weight's rows come in groups of 8, got ", n, " rows");
     check_weight("q4_dequantize", qs, at::kByte, n, k / 2);
     check_weight("q4_dequantize", d, at::kHalf, n, k / 32);
     check_weight("q4_dequantize", m, at::kHalf, n, k / 32);
     check_weight("q4_dequantize", out, at::kFloat, n, k);
     q4_dequantize(qs.data_ptr<uint8_t>(), (const uint16_t *)d.data_ptr(), (const uint16_t *)m.data_ptr(),
                   out.data_ptr<float>(), n, k);
+}
+
+at::Tensor attention_meta(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &slots,
+                          const at::Tensor &positions, double scale) {
+    return at::empty(q.sizes(), q.options());
+}
+
+at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &slots,
+                     const at::Tensor &positions, double scale) {
+    TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat,
+                "decode_attention: q must be float32 [B, Hq, 1, D], got ", q.scalar_type(), " ", q.sizes());
+    const int64_t b = q.size(0), hq = q.size(1), d = q.size(3);
+    TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && k.scalar_type() == at::kFloat && k.size(3) == d &&
+                    hq % k.size(1) == 0 && v.sizes() == k.sizes() && v.is_contiguous() && v.scalar_type() == at::kFloat,
+                "decode_attention: k and v must be contiguous float32 [slots, Hkv, S, ", d, "] with Hkv dividing ", hq,
+                ", got ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.numel() == b &&
+                    positions.numel() == b,
+                "decode_attention: slots and positions must be int64 with ", b, " entries");
+    at::Tensor s = slots.contiguous(), p = positions.contiguous();
+    const int64_t *sp = s.data_ptr<int64_t>(), *pp = p.data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; i++)
+        TORCH_CHECK(sp[i] >= 0 && sp[i] < k.size(0) && pp[i] >= 0 && pp[i] < k.size(2), "decode_attention: row ", i,
+                    " reads slot ", sp[i], " at position ", pp[i], ", outside the cache's ", k.size(0), " slots of ",
+                    k.size(2), " positions");
+    at::Tensor qc = q.contiguous(), out = attention_meta(qc, k, v, slots, positions, scale);
+    const int rc = decode_attention(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), sp, pp,
+                                    out.data_ptr<float>(), b, hq, k.size(1), k.size(2), d, (float)scale);
+    TORCH_CHECK(rc == 0, "decode_attention: out of memory");
+    return out;
 }
 
 bool vectorized() { return simd() != 0; }
@@ -87,6 +122,7 @@ TORCH_LIBRARY(LMGEN_OPS, lib) {
     lib.def("q4_matmul(Tensor x, Tensor qs, Tensor d, Tensor m, Tensor? bias) -> Tensor");
     lib.def("q8_matmul(Tensor x, Tensor q, Tensor scales) -> Tensor");
     lib.def("q4_dequantize(Tensor qs, Tensor d, Tensor m, Tensor(a!) out) -> ()");
+    lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor positions, float scale) -> Tensor");
     lib.def("simd() -> bool", &vectorized);
 }
 
@@ -94,9 +130,11 @@ TORCH_LIBRARY_IMPL(LMGEN_OPS, CPU, lib) {
     lib.impl("q4_matmul", &q4);
     lib.impl("q8_matmul", &q8);
     lib.impl("q4_dequantize", &q4_dequant);
+    lib.impl("decode_attention", &attention);
 }
 
 TORCH_LIBRARY_IMPL(LMGEN_OPS, Meta, lib) {
     lib.impl("q4_matmul", &q4_meta);
     lib.impl("q8_matmul", &q8_meta);
+    lib.impl("decode_attention", &attention_meta);
 }

@@ -19,6 +19,7 @@ from torch import nn
 from .. import kernels
 
 GROUP = 32  # inputs per 4-bit block: the GGUF block size
+ROWS = 8  # weight rows the native 4-bit kernel reads together
 KERNEL_ROWS = 128  # up to this many rows the native kernels beat dequantize-then-matmul (BENCHMARKS.md)
 QUANTIZATIONS = ("int4",)
 
@@ -56,7 +57,7 @@ def dequantize_q4(blocks: Q4Blocks) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """A linear layer with 4-bit block weights: codes `qs` packed two per byte as GGUF does, float16 `d`, `m`."""
+    """A linear layer with 4-bit block weights: codes `qs` two per byte, float16 `d`, `m`, rows interleaved by 8."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, checkpoint_transposed: bool = False):
         super().__init__()
@@ -71,18 +72,23 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def state(blocks: Q4Blocks) -> dict[str, torch.Tensor]:
-        """The buffers for `blocks`, keyed by buffer name: byte j of a block holds codes j and j + 16."""
+        """The buffers for `blocks`, keyed by buffer name, in the native kernel's layout (lmgen/kernels/matmul.c).
+
+        Rows come in groups of 8, interleaved block by block: for each group and block, 128 bytes of codes
+        (byte 32j + 4r + t holds codes 4j + t and 16 + 4j + t of the group's row r), then 8 scales, 8 offsets.
+        """
         n, k = blocks.q.shape
-        q = blocks.q.view(n, k // GROUP, 2, GROUP // 2)
-        qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2)
-        # row-major, as the kernel reads them (blocks of a transposed checkpoint may come column-major)
-        return {"qs": qs.contiguous(), "d": blocks.d.half().contiguous(), "m": blocks.m.half().contiguous()}
+        q = blocks.q.view(n // ROWS, ROWS, k // GROUP, 2, 4, 4)  # group, row, block, half, j, t
+        qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # group, block, j, row, t
+        return {"qs": qs.reshape(n, k // 2).contiguous(), "d": _interleave(blocks.d.half()),
+                "m": _interleave(blocks.m.half())}
 
     def blocks(self) -> Q4Blocks:
         """The codes and scales these buffers hold."""
         n, k = self.out_features, self.in_features
-        qs = self.qs.view(n, k // GROUP, 1, GROUP // 2)
-        return Q4Blocks(torch.cat((qs & 15, qs >> 4), 2).view(n, k), self.d.float(), self.m.float())
+        qs = self.qs.view(n // ROWS, k // GROUP, 4, ROWS, 4).permute(0, 3, 1, 2, 4)  # group, row, block, j, t
+        q = torch.stack((qs & 15, qs >> 4), 3).reshape(n, k)
+        return Q4Blocks(q, _interleave(self.d, back=True).float(), _interleave(self.m, back=True).float())
 
     def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 weight [N, K] these buffers hold (written into `out` if given)."""
@@ -101,6 +107,13 @@ class Int4Linear(nn.Module):
             w = self.dequantized(_scratch(self.out_features, self.in_features) if self.native else None)
             y = F.linear(x2, w.to(x.dtype), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def _interleave(t: torch.Tensor, back: bool = False) -> torch.Tensor:
+    """Per-block values [N, B] in (or, with `back`, out of) the kernel's order: group, block, row in group."""
+    n, b = t.shape
+    shape = (n // ROWS, b, ROWS) if back else (n // ROWS, ROWS, b)
+    return t.reshape(shape).transpose(1, 2).reshape(n, b).contiguous()
 
 
 _local = threading.local()
@@ -172,8 +185,9 @@ class Int8Linear(Int8Rows):
 def quantize_modules(model: nn.Module, embedding: str, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
     """Swap in the int4 layers (on the meta device, before weights are assigned); return them by name.
 
-    Decoder-layer linears whose sizes fit the int4 kernel become Int4Linear; the embedding and lm_head
-    become 8-bit rows. Anything else (norms, position embeddings, odd-sized layers) stays as it is.
+    Decoder-layer linears whose sizes fit the int4 kernel (inputs a multiple of 32, outputs of 8) become
+    Int4Linear; the embedding and lm_head become 8-bit rows. Anything else (norms, position embeddings,
+    odd-sized layers) stays as it is.
     """
     embed_module = embedding.rsplit(".", 1)[0]
     swaps: dict[str, nn.Module] = {}
@@ -184,7 +198,7 @@ def quantize_modules(model: nn.Module, embedding: str, dtype: torch.dtype = torc
             swaps[name] = Int8Linear(module.out_features, module.in_features)
         elif name != "lm_head":
             shape = _linear_shape(module)
-            if shape and shape[0] % GROUP == 0:
+            if shape and shape[0] % GROUP == 0 and shape[1] % ROWS == 0:
                 swaps[name] = Int4Linear(*shape, bias=module.bias is not None,
                                          checkpoint_transposed=not isinstance(module, nn.Linear))
     with torch.device("meta"):

@@ -1,0 +1,144 @@
+/* Attention for decoding on the CPU: one new query per sequence over its cached keys and values, float32.
+ *
+ * For batch row b and query head h, with G = Hq / Hkv query heads per key head and L = positions[b] + 1:
+ *   out[b, h] = softmax(scale * q[b, h] . k[slots[b], h / G, :L]) @ v[slots[b], h / G, :L]
+ * k and v are one layer of the cache, [slots, Hkv, S, D]. Only the L cached positions are read, where a
+ * masked attention over a fixed-size cache (what a compiled step with static shapes does) reads all S.
+ * Plain C, with an AVX2 path; exp is a Cephes-style polynomial (about 1 ulp, as torch's vectorized exp).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SIMD 1
+#else
+#define SIMD 0
+#endif
+
+#if SIMD
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 exp8(__m256 x) {  /* e^x for x <= 0 (scores minus their max) */
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  /* below this e^x is under float's normal range: ~0 */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* x - n ln 2, in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* p[0..L) = exp(p - max p) in place; returns their sum */
+static float softmax_numerators(float *p, int64_t L) {
+    float m = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t < L; t++) m = p[t] > m ? p[t] : m;
+    int64_t t = 0;
+#if SIMD
+    __m256 acc = _mm256_setzero_ps();
+    for (; t + 8 <= L; t += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(m)));
+        _mm256_storeu_ps(p + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+#endif
+    for (; t < L; t++) sum += p[t] = expf(p[t] - m);
+    return sum;
+}
+
+#if SIMD
+/* one query head over L keys, D a multiple of 8 (a constant where inlined, so the accumulators stay in
+ * registers); p is a scratch of L floats */
+static inline __attribute__((always_inline)) void attend(const float *q, const float *k, const float *v, float *o,
+                                                         float *p, int64_t L, const int64_t D, float scale) {
+    int64_t t = 0;
+    for (; t + 8 <= L; t += 8) {  /* 8 keys at a time: their 8 dot products end up in one vector */
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(q + d);
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + (t + j) * D + d), a[j]);
+        }
+        /* pairwise sums: lane i of the two halves holds parts of key i's sum */
+        const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+        const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+        const __m256 h0 = _mm256_hadd_ps(h01, h23), h1 = _mm256_hadd_ps(h45, h67);
+        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+        _mm256_storeu_ps(p + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+    }
+    for (; t < L; t++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + t * D + d), a);
+        p[t] = scale * hsum8(a);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / softmax_numerators(p, L));
+    __m256 acc[D / 8];
+    for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_setzero_ps();
+    for (t = 0; t < L; t++) {
+        const __m256 w = _mm256_broadcast_ss(p + t);
+        for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + t * D + 8 * d), acc[d]);
+    }
+    for (int64_t d = 0; d < D / 8; d++) _mm256_storeu_ps(o + 8 * d, _mm256_mul_ps(acc[d], inv));
+}
+#endif
+
+/* one query head, any D */
+static void attend_any(const float *q, const float *k, const float *v, float *o, float *p, int64_t L, int64_t D,
+                       float scale) {
+    for (int64_t t = 0; t < L; t++) {
+        float s = 0.0f;
+        for (int64_t d = 0; d < D; d++) s += q[d] * k[t * D + d];
+        p[t] = scale * s;
+    }
+    const float inv = 1.0f / softmax_numerators(p, L);
+    for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+    for (int64_t t = 0; t < L; t++)
+        for (int64_t d = 0; d < D; d++) o[d] += p[t] * v[t * D + d];
+    for (int64_t d = 0; d < D; d++) o[d] *= inv;
+}
+
+static void attend_head(const float *q, const float *k, const float *v, float *o, float *p, int64_t L, int64_t D,
+                        float scale) {
+#if SIMD
+    if (D == 64) return attend(q, k, v, o, p, L, 64, scale);
+    if (D == 128) return attend(q, k, v, o, p, L, 128, scale);
+#endif
+    attend_any(q, k, v, o, p, L, D, scale);
+}
+
+/* out [B, Hq, D] for q [B, Hq, D]; k, v [slots, Hkv, S, D]; slots, positions [B] (each position in 0..S-1).
+ * Returns 0, or -1 when out of memory. */
+int decode_attention(const float *q, const float *k, const float *v, const int64_t *slots, const int64_t *positions,
+                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale) {
+    const int64_t G = Hq / Hkv;
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) work += positions[b] + 1;
+    int failed = 0;
+#pragma omp parallel if (work * Hq * D >= (1 << 17)) reduction(| : failed)
+    {
+        float *p = malloc(sizeof(float) * (size_t)S);
+        if (!p) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * Hq; i++) {  /* a query head each */
+            if (!p) continue;
+            const int64_t b = i / Hq, kv = (slots[b] * Hkv + i % Hq / G) * S * D;
+            attend_head(q + i * D, k + kv, v + kv, out + i * D, p, positions[b] + 1, D, scale);
+        }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}
