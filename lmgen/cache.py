@@ -137,18 +137,14 @@ class KVCache:
         return ((slots[:, None, None] * self.k.shape[2] + heads[None, :, None]) * self.max_len
                 + positions[:, None, :]).flatten()
 
-    def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write k, v [B, H, T, D] at the step's positions."""
+    def update(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, H, T, D] at the step's positions; return this batch's keys and values."""
         d = k.shape[-1]
         # rows of the whole cache viewed as [rows, head_dim]: writing into the base tensor, not a view of it,
         # lets torch.compile update it in place instead of copying the layer
         rows = step.write_index + layer * (self.k[0].numel() // d)
         self.k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d).to(self.k.dtype))
         self.v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d).to(self.v.dtype))
-
-    def update(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, H, T, D] at the step's positions; return this batch's keys and values."""
-        self.write(layer, step, k, v)
         k_layer, v_layer = self.k[layer], self.v[layer]
         if step.slot_start is not None:
             rows = slice(step.slot_start, step.slot_start + k.shape[0])

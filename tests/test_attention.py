@@ -1,4 +1,5 @@
-"""Decoding attention in lmgen's kernel: the same result as attention over a slot's cached positions."""
+"""Decoding attention in lmgen's kernel: it writes the new keys and values into the cache, and gives the same
+result as attention over the slot's positions up to the new token."""
 
 from __future__ import annotations
 
@@ -22,42 +23,61 @@ def reference(q, k, v, slots, positions, scale):
     return torch.cat(rows)
 
 
+def call(ops, q, k_new, v_new, k, v, slots, positions, scale, layer=1):
+    """The op on layer `layer` of a 3-layer cache whose layer `layer` is k, v [slots, Hkv, S, D]."""
+    k_cache, v_cache = torch.randn(3, *k.shape), torch.randn(3, *v.shape)
+    k_cache[layer], v_cache[layer] = k, v
+    out = ops.decode_attention(q, k_new, v_new, k_cache, v_cache, layer, slots, positions, scale)
+    return out, k_cache, v_cache
+
+
 # head sizes 64 and 128 take the vectorized path, 40 the general one; 9 query heads over 3 key heads is GQA
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 40), (8, 2, 128)])
 @pytest.mark.parametrize("lengths", [[1], [37, 8, 100], [300, 299]])  # odd lengths: not a multiple of 8
-def test_decode_attention_equals_attention_over_the_cached_positions(ops, heads, kv_heads, dim, lengths):
+def test_decode_attention_writes_the_token_and_attends_up_to_it(ops, heads, kv_heads, dim, lengths):
     torch.manual_seed(len(lengths) + dim)
     k, v = torch.randn(2, 4, kv_heads, 320, dim).unbind(0)  # 4 slots of 320 positions
-    q = torch.randn(len(lengths), heads, 1, dim)
+    q, k_new, v_new = torch.randn(len(lengths), heads, 1, dim), *torch.randn(2, len(lengths), kv_heads, 1, dim)
     slots = torch.tensor([3, 0, 2][:len(lengths)])
     positions = torch.tensor(lengths)[:, None] - 1
-    got = ops.decode_attention(q, k, v, slots, positions, 0.3)
+    got, k_cache, v_cache = call(ops, q, k_new, v_new, k, v, slots, positions, 0.3)
+    for b, (slot, pos) in enumerate(zip(slots, positions[:, 0])):
+        k[slot, :, pos], v[slot, :, pos] = k_new[b, :, 0], v_new[b, :, 0]
+    assert torch.equal(k_cache[1], k) and torch.equal(v_cache[1], v)  # only the new tokens changed
     torch.testing.assert_close(got, reference(q, k, v, slots, positions, 0.3), atol=1e-5, rtol=1e-5)
 
 
 def test_decode_attention_reads_only_positions_up_to_the_token(ops):
     torch.manual_seed(0)
-    k, v, q = torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64), torch.randn(1, 2, 1, 64)
-    at = (q, k, v, torch.tensor([0]), torch.tensor([[9]]), 0.125)
-    before = ops.decode_attention(*at)
+    k, v, q, k_new, v_new = torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64), *torch.randn(3, 1, 2, 1, 64)
+    at = (q, k_new, v_new, k, v, torch.tensor([0]), torch.tensor([[9]]), 0.125)
+    before = call(ops, *at)[0]
     k[:, :, 10:], v[:, :, 10:] = float("nan"), float("nan")  # later positions: another sequence's leftovers
-    assert torch.equal(ops.decode_attention(*at), before)
+    assert torch.equal(call(ops, *at)[0], before)
 
 
 def test_decode_attention_names_bad_operands():
     assert lmgen.kernels.native()
-    k = torch.zeros(2, 3, 16, 64)
-    q = torch.zeros(1, 9, 1, 64)
+    cache, q, new = torch.zeros(2, 2, 3, 16, 64), torch.zeros(1, 9, 1, 64), torch.zeros(1, 3, 1, 64)
+
+    def op(q=q, new=new, layer=0, slots=(0,), positions=((0,),)):
+        return torch.ops.lmgen.decode_attention(q, new, new, cache, cache.clone(), layer, torch.tensor(slots),
+                                                torch.tensor(positions), 1.0)
+
     with pytest.raises(RuntimeError, match="decode_attention: row 0 reads slot 0 at position 16, outside the cache"):
-        torch.ops.lmgen.decode_attention(q, k, k, torch.tensor([0]), torch.tensor([[16]]), 1.0)
+        op(positions=((16,),))
     with pytest.raises(RuntimeError, match="decode_attention: row 0 reads slot 2 at position 0"):
-        torch.ops.lmgen.decode_attention(q, k, k, torch.tensor([2]), torch.tensor([[0]]), 1.0)
+        op(slots=(2,))
+    with pytest.raises(RuntimeError, match="decode_attention: layer 2 is outside the cache's 2 layers"):
+        op(layer=2)
     with pytest.raises(RuntimeError, match=r"q must be float32 \[B, Hq, 1, D\]"):
-        torch.ops.lmgen.decode_attention(q.double(), k, k, torch.tensor([0]), torch.tensor([[0]]), 1.0)
+        op(q=q.double())
     with pytest.raises(RuntimeError, match="Hkv dividing 8"):
-        torch.ops.lmgen.decode_attention(torch.zeros(1, 8, 1, 64), k, k, torch.tensor([0]), torch.tensor([[0]]), 1.0)
+        op(q=torch.zeros(1, 8, 1, 64))
+    with pytest.raises(RuntimeError, match=r"the new k and v must be float32 \[1, 3, 1, 64\]"):
+        op(new=torch.zeros(1, 3, 2, 64))
     with pytest.raises(RuntimeError, match="slots and positions must be int64 with 1 entries"):
-        torch.ops.lmgen.decode_attention(q, k, k, torch.tensor([0, 1]), torch.tensor([[0]]), 1.0)
+        op(slots=(0, 1))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -5,6 +5,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <vector>
+
 #ifndef LMGEN_OPS
 #define LMGEN_OPS lmgen
 #endif
@@ -84,32 +87,53 @@ void q4_dequant(const at::Tensor &qs, const at::Tensor &d, const at::Tensor &m, 
                   out.data_ptr<float>(), n, k);
 }
 
-at::Tensor attention_meta(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &slots,
-                          const at::Tensor &positions, double scale) {
+at::Tensor attention_meta(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
+                          at::Tensor &v_cache, int64_t layer, const at::Tensor &slots, const at::Tensor &positions,
+                          double scale) {
     return at::empty(q.sizes(), q.options());
 }
 
-at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &slots,
-                     const at::Tensor &positions, double scale) {
+// Writes each row's new keys and values k, v [B, Hkv, 1, D] into layer `layer` of the cache at its slot and
+// position, then attends over that slot's positions up to and including it.
+at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
+                     at::Tensor &v_cache, int64_t layer, const at::Tensor &slots, const at::Tensor &positions,
+                     double scale) {
     TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat,
                 "decode_attention: q must be float32 [B, Hq, 1, D], got ", q.scalar_type(), " ", q.sizes());
     const int64_t b = q.size(0), hq = q.size(1), d = q.size(3);
-    TORCH_CHECK(k.dim() == 4 && k.is_contiguous() && k.scalar_type() == at::kFloat && k.size(3) == d &&
-                    hq % k.size(1) == 0 && v.sizes() == k.sizes() && v.is_contiguous() && v.scalar_type() == at::kFloat,
-                "decode_attention: k and v must be contiguous float32 [slots, Hkv, S, ", d, "] with Hkv dividing ", hq,
-                ", got ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
+                    k_cache.size(4) == d && hq % k_cache.size(2) == 0 && v_cache.sizes() == k_cache.sizes() &&
+                    v_cache.is_contiguous() && v_cache.scalar_type() == at::kFloat,
+                "decode_attention: the caches must be contiguous float32 [layers, slots, Hkv, S, ", d,
+                "] with Hkv dividing ", hq, ", got ", k_cache.sizes(), " and ", v_cache.sizes());
+    const int64_t slots_n = k_cache.size(1), hkv = k_cache.size(2), len = k_cache.size(3);
+    TORCH_CHECK(layer >= 0 && layer < k_cache.size(0), "decode_attention: layer ", layer, " is outside the cache's ",
+                k_cache.size(0), " layers");
+    const std::vector<int64_t> kv_shape{b, hkv, 1, d};
+    TORCH_CHECK(k.sizes() == kv_shape && v.sizes() == kv_shape && k.scalar_type() == at::kFloat &&
+                    v.scalar_type() == at::kFloat,
+                "decode_attention: the new k and v must be float32 [", b, ", ", hkv, ", 1, ", d, "], got ", k.sizes(),
+                " and ", v.sizes());
     TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.numel() == b &&
                     positions.numel() == b,
                 "decode_attention: slots and positions must be int64 with ", b, " entries");
-    at::Tensor s = slots.contiguous(), p = positions.contiguous();
+    at::Tensor s = slots.contiguous(), p = positions.contiguous(), kc = k.contiguous(), vc = v.contiguous();
     const int64_t *sp = s.data_ptr<int64_t>(), *pp = p.data_ptr<int64_t>();
     for (int64_t i = 0; i < b; i++)
-        TORCH_CHECK(sp[i] >= 0 && sp[i] < k.size(0) && pp[i] >= 0 && pp[i] < k.size(2), "decode_attention: row ", i,
-                    " reads slot ", sp[i], " at position ", pp[i], ", outside the cache's ", k.size(0), " slots of ",
-                    k.size(2), " positions");
-    at::Tensor qc = q.contiguous(), out = attention_meta(qc, k, v, slots, positions, scale);
-    const int rc = decode_attention(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), sp, pp,
-                                    out.data_ptr<float>(), b, hq, k.size(1), k.size(2), d, (float)scale);
+        TORCH_CHECK(sp[i] >= 0 && sp[i] < slots_n && pp[i] >= 0 && pp[i] < len, "decode_attention: row ", i,
+                    " reads slot ", sp[i], " at position ", pp[i], ", outside the cache's ", slots_n, " slots of ",
+                    len, " positions");
+    float *kl = k_cache.data_ptr<float>() + layer * slots_n * hkv * len * d;
+    float *vl = v_cache.data_ptr<float>() + layer * slots_n * hkv * len * d;
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t h = 0; h < hkv; h++) {
+            const int64_t at = ((sp[i] * hkv + h) * len + pp[i]) * d;
+            std::memcpy(kl + at, kc.data_ptr<float>() + (i * hkv + h) * d, sizeof(float) * d);
+            std::memcpy(vl + at, vc.data_ptr<float>() + (i * hkv + h) * d, sizeof(float) * d);
+        }
+    at::Tensor qc = q.contiguous(), out = at::empty(q.sizes(), q.options());
+    const int rc = decode_attention(qc.data_ptr<float>(), kl, vl, sp, pp, out.data_ptr<float>(), b, hq, hkv, len, d,
+                                    (float)scale);
     TORCH_CHECK(rc == 0, "decode_attention: out of memory");
     return out;
 }
@@ -122,7 +146,8 @@ TORCH_LIBRARY(LMGEN_OPS, lib) {
     lib.def("q4_matmul(Tensor x, Tensor qs, Tensor d, Tensor m, Tensor? bias) -> Tensor");
     lib.def("q8_matmul(Tensor x, Tensor q, Tensor scales) -> Tensor");
     lib.def("q4_dequantize(Tensor qs, Tensor d, Tensor m, Tensor(a!) out) -> ()");
-    lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor positions, float scale) -> Tensor");
+    lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
+            "Tensor slots, Tensor positions, float scale) -> Tensor");
     lib.def("simd() -> bool", &vectorized);
 }
 
