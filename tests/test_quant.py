@@ -14,7 +14,7 @@ from lmgen import kernels
 from lmgen.errors import CorruptFileError
 from lmgen.models.quant import (
     GROUP,
-    KERNEL_ROWS,
+    TORCH_INT8_ROWS,
     Int4Linear,
     Int8Linear,
     Int8Rows,
@@ -114,25 +114,25 @@ def test_q4_codes_name_a_truncated_tensor():
 
 
 @pytest.mark.parametrize("use_native", [True, False])
-def test_int4_layers_use_the_kernel_for_few_rows_and_float32_for_many(use_native, monkeypatch):
+def test_int4_layers_use_the_kernels_for_any_rows_or_torch_without_them(use_native, monkeypatch):
     if not use_native:  # no C compiler: torch's kernels and matmuls on the same weights
         monkeypatch.setattr(kernels, "native", lambda: False)
     torch.manual_seed(0)
     layer = int4_linear(quantize_q4(torch.randn(96, 64)), bias=torch.randn(96))
     head = int8_head(torch.randn(4100, 64))  # more than one 4096-row slice
     assert layer.native == head.native == use_native
-    w = layer.dequantized()
-    few, many = torch.randn(3, 64), torch.randn(KERNEL_ROWS + 8, 64)
-    # few rows: 8-bit activations (native) or bfloat16 ones (torch's int8 kernel); many rows: float32
-    rounded = quantized_activations(few) if use_native else few.bfloat16().float()
-    tol = dict(atol=1e-3, rtol=1e-3) if use_native else dict(atol=0.05, rtol=0.01)
-    if use_native:
-        torch.testing.assert_close(layer(few), F.linear(rounded, w, layer.bias), **tol)
-    else:
-        torch.testing.assert_close(layer(few), F.linear(few, w, layer.bias), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(head(few), rounded @ head.dequantized().t(), **tol)
-    torch.testing.assert_close(layer(many), F.linear(many, w, layer.bias), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(head(many), many @ head.dequantized().t(), atol=1e-4, rtol=1e-4)
+    w, hw = layer.dequantized(), head.dequantized()
+    few, many = torch.randn(3, 64), torch.randn(TORCH_INT8_ROWS + 8, 64)  # decoding rows; a prompt's
+    if use_native:  # 8-bit activations in every case
+        for x in (few, many):
+            rounded = quantized_activations(x)
+            torch.testing.assert_close(layer(x), F.linear(rounded, w, layer.bias), atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(head(x), rounded @ hw.t(), atol=1e-3, rtol=1e-3)
+    else:  # float32 for the 4-bit layers; the head: bfloat16 activations in torch's int8 kernel, then float32
+        for x in (few, many):
+            torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head(few), few.bfloat16().float() @ hw.t(), atol=0.05, rtol=0.01)
+        torch.testing.assert_close(head(many), many @ hw.t(), atol=1e-4, rtol=1e-4)
     assert layer(torch.randn(2, 5, 64)).shape == (2, 5, 96)
 
 

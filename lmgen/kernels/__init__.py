@@ -2,7 +2,7 @@
 
 matmul.c holds the 4-bit and 8-bit weight matmuls behind quantize="int4", attention.c the attention of
 a decoding step over the cached positions (plain C, with AVX2 paths); ops.cpp registers them as
-torch.ops.lmgen.q4_matmul, q8_matmul, q4_dequantize and decode_attention. Building needs a C and a C++
+torch.ops.lmgen.q4_matmul, q8_matmul and decode_attention. Building needs a C and a C++
 compiler (torch's headers ship with torch); without them lmgen runs on torch alone: the same weights and
 results, slower. `native()` says which.
 """

@@ -10,7 +10,6 @@
  * q8_matmul: W is int8 [N, K] with one float scale per row.
  * The activations are quantized to 8 bits per block of 32 (as llama.cpp's Q8_1), so each block's dot
  * product is an integer sum: w . x = d * dx * sum(q * qx) + m * sx, with sx = dx * sum(qx).
- * q4_dequantize: W back to float32, for prompts (many rows), which the float32 matmul handles faster.
  * Plain C, with an AVX2 path. lmgen/kernels/__init__.py builds it at first use (with -ffp-contract=off, so
  * d * q + m rounds as torch rounds it); OpenMP threads are torch's own runtime.
  */
@@ -254,23 +253,4 @@ int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16
 int q8_matmul(const float *x, const int8_t *q8, const float *row_scale, float *y, int64_t M, int64_t N, int64_t K) {
     const weights w = {NULL, NULL, NULL, q8, row_scale};
     return matmul(x, &w, NULL, y, M, N, K);
-}
-
-/* out[N,K] = d * q + m for 4-bit blocks, in float32 */
-void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *m, float *out, int64_t N, int64_t K) {
-    const int64_t nb = K / 32;
-#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
-    for (int64_t n = 0; n < N; n++) {
-        const int64_t g = n / 8, r = n % 8;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *q = qs + (g * nb + b) * 128 + 4 * r;
-            const float scale = half_to_float(d[(g * nb + b) * 8 + r]), offset = half_to_float(m[(g * nb + b) * 8 + r]);
-            float *o = out + n * K + b * 32;
-            for (int j = 0; j < 4; j++)
-                for (int t = 0; t < 4; t++) {
-                    o[4 * j + t] = scale * (float)(q[32 * j + t] & 15) + offset;
-                    o[16 + 4 * j + t] = scale * (float)(q[32 * j + t] >> 4) + offset;
-                }
-        }
-    }
 }

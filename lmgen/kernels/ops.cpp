@@ -1,5 +1,4 @@
-// matmul.c's and attention.c's kernels as torch operators (lmgen::q4_matmul, q8_matmul, q4_dequantize,
-// decode_attention): one dispatcher call from eager code or from a torch.compile graph, with shape checks,
+// matmul.c's and attention.c's kernels as torch operators (lmgen::q4_matmul, q8_matmul, decode_attention): one dispatcher call from eager code or from a torch.compile graph, with shape checks,
 // and Meta kernels so the compiler can trace them.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,7 +16,6 @@ int simd(void);
 int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias, float *y,
               int64_t M, int64_t N, int64_t K);
 int q8_matmul(const float *x, const int8_t *q8, const float *row_scale, float *y, int64_t M, int64_t N, int64_t K);
-void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *m, float *out, int64_t N, int64_t K);
 int decode_attention(const float *q, const float *k, const float *v, const int64_t *slots, const int64_t *positions,
                      float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale);
 }
@@ -73,18 +71,6 @@ at::Tensor q8(const at::Tensor &x, const at::Tensor &q, const at::Tensor &scales
                              y.data_ptr<float>(), xc.size(0), n, k);
     TORCH_CHECK(rc == 0, "q8_matmul: out of memory");
     return y;
-}
-
-void q4_dequant(const at::Tensor &qs, const at::Tensor &d, const at::Tensor &m, at::Tensor &out) {
-    TORCH_CHECK(d.dim() == 2, "q4_dequantize: d must be [N, K/32], got ", d.sizes());
-    const int64_t n = d.size(0), k = d.size(1) * 32;
-    TORCH_CHECK(n % 8 == 0, "q4_dequantize: the weight's rows come in groups of 8, got ", n, " rows");
-    check_weight("q4_dequantize", qs, at::kByte, n, k / 2);
-    check_weight("q4_dequantize", d, at::kHalf, n, k / 32);
-    check_weight("q4_dequantize", m, at::kHalf, n, k / 32);
-    check_weight("q4_dequantize", out, at::kFloat, n, k);
-    q4_dequantize(qs.data_ptr<uint8_t>(), (const uint16_t *)d.data_ptr(), (const uint16_t *)m.data_ptr(),
-                  out.data_ptr<float>(), n, k);
 }
 
 at::Tensor attention_meta(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
@@ -145,7 +131,6 @@ bool vectorized() { return simd() != 0; }
 TORCH_LIBRARY(LMGEN_OPS, lib) {
     lib.def("q4_matmul(Tensor x, Tensor qs, Tensor d, Tensor m, Tensor? bias) -> Tensor");
     lib.def("q8_matmul(Tensor x, Tensor q, Tensor scales) -> Tensor");
-    lib.def("q4_dequantize(Tensor qs, Tensor d, Tensor m, Tensor(a!) out) -> ()");
     lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
             "Tensor slots, Tensor positions, float scale) -> Tensor");
     lib.def("simd() -> bool", &vectorized);
@@ -154,7 +139,6 @@ TORCH_LIBRARY(LMGEN_OPS, lib) {
 TORCH_LIBRARY_IMPL(LMGEN_OPS, CPU, lib) {
     lib.impl("q4_matmul", &q4);
     lib.impl("q8_matmul", &q8);
-    lib.impl("q4_dequantize", &q4_dequant);
     lib.impl("decode_attention", &attention);
 }
 

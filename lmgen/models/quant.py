@@ -1,15 +1,14 @@
 """Weight-only quantized layers for fast CPU decoding, and the swap that puts them into a model.
 
 `int4`: each decoder-layer linear keeps 4-bit weights in blocks of 32 inputs, w = d * q + m with float16 d
-and m, which holds GGUF Q4_0 and Q4_1 blocks exactly. A few rows at a time (decoding) go through lmgen's
-native kernel (lmgen/kernels/matmul.c: 8-bit activations, integer dot products, as llama.cpp does); many
-rows (a prompt) dequantize the weight and use the float32 matmul. The embedding and the output layer keep
-8-bit rows with one scale each, multiplied by the same native kernel. Without a C compiler, torch does it all.
+and m, which holds GGUF Q4_0 and Q4_1 blocks exactly. Any number of rows (decoding or a prompt) goes
+through lmgen's native kernel (lmgen/kernels/matmul.c: 8-bit activations, integer dot products, as llama.cpp
+does). The embedding and the output layer keep 8-bit rows with one scale each, multiplied by the same
+native kernel. Without a C compiler, torch does it all.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import torch
@@ -20,7 +19,7 @@ from .. import kernels
 
 GROUP = 32  # inputs per 4-bit block: the GGUF block size
 ROWS = 8  # weight rows the native 4-bit kernel reads together
-KERNEL_ROWS = 128  # up to this many rows the native kernels beat dequantize-then-matmul (BENCHMARKS.md)
+TORCH_INT8_ROWS = 128  # without native kernels: up to this many rows torch's int8 kernel, then float32
 QUANTIZATIONS = ("int4",)
 
 
@@ -90,22 +89,17 @@ class Int4Linear(nn.Module):
         q = torch.stack((qs & 15, qs >> 4), 3).reshape(n, k)
         return Q4Blocks(q, _interleave(self.d, back=True).float(), _interleave(self.m, back=True).float())
 
-    def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The float32 weight [N, K] these buffers hold (written into `out` if given)."""
-        if not self.native:
-            return dequantize_q4(self.blocks()) if out is None else out.copy_(dequantize_q4(self.blocks()))
-        out = torch.empty(self.out_features, self.in_features) if out is None else out
-        torch.ops.lmgen.q4_dequantize(self.qs, self.d, self.m, out)
-        return out
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [N, K] these buffers hold."""
+        return dequantize_q4(self.blocks())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= KERNEL_ROWS and self.native:
+        if self.native:  # any number of rows: at 512 (a prompt) it beats dequantize-then-float32 too
             bias = None if self.bias is None else self.bias.float()
             y = torch.ops.lmgen.q4_matmul(x2.float(), self.qs, self.d, self.m, bias).to(x.dtype)
-        else:  # a prompt: float32 matmul on the weight dequantized natively into a reused buffer (no fresh pages)
-            w = self.dequantized(_scratch(self.out_features, self.in_features) if self.native else None)
-            y = F.linear(x2, w.to(x.dtype), self.bias)
+        else:
+            y = F.linear(x2, self.dequantized().to(x.dtype), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -114,17 +108,6 @@ def _interleave(t: torch.Tensor, back: bool = False) -> torch.Tensor:
     n, b = t.shape
     shape = (n // ROWS, b, ROWS) if back else (n // ROWS, ROWS, b)
     return t.reshape(shape).transpose(1, 2).reshape(n, b).contiguous()
-
-
-_local = threading.local()
-
-
-def _scratch(n: int, k: int) -> torch.Tensor:
-    """A float32 [n, k] view of this thread's scratch buffer, grown as needed."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < n * k:
-        buf = _local.buf = torch.empty(n * k)
-    return buf[:n * k].view(n, k)
 
 
 class Int8Rows(nn.Module):
@@ -173,9 +156,9 @@ class Int8Linear(Int8Rows):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= KERNEL_ROWS and self.native:
+        if self.native:
             y = torch.ops.lmgen.q8_matmul(x2.float(), self.qweight, self.scales).to(x.dtype)
-        elif x2.shape[0] <= KERNEL_ROWS:
+        elif x2.shape[0] <= TORCH_INT8_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.qweight, self.scales.bfloat16()).to(x.dtype)
         else:
             y = x2 @ self.dequantized().to(x.dtype).t()
