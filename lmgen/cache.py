@@ -49,7 +49,8 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.n_slots, self.max_len = n_slots, max_len
-        # lone new tokens attend through lmgen's kernel, which reads only their cached positions
+        # lone new tokens go through lmgen's kernel: it writes their keys and values and reads only the positions
+        # in use (see models/layers.attention)
         self.decode_kernel = self.k.device.type == "cpu" and dtype == torch.float32 and kernels.native()
         self._free = list(range(n_slots - 1, -1, -1))
 
