@@ -24,8 +24,8 @@ import torch
 HERE = Path(__file__).parent
 C_SOURCES = (HERE / "matmul.c", HERE / "attention.c")
 SOURCES = (*C_SOURCES, HERE / "ops.cpp")
-# tried in order: the host's own vector units first, then portable C; OpenMP threads when the compiler has them
 WITHOUT = "int4 layers and decoding attention run through torch (slower)"  # what a failed build costs
+# tried in order: the host's own vector units first, then portable C; OpenMP threads when the compiler has them
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 
 

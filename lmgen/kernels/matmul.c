@@ -1,4 +1,5 @@
-/* Quantized-weight matmuls for CPU decoding: y[M,N] = x[M,K] @ W[N,K]^T (+ bias), K a multiple of 32.
+/* Quantized-weight matmuls on the CPU, for decoding and prompts: y[M,N] = x[M,K] @ W[N,K]^T (+ bias), K a
+ * multiple of 32.
  *
  * q4_matmul: W holds blocks of 32 weights, w = d * q + m with codes q in 0..15 and float16 d, m. The rows
  * are interleaved in groups of 8 (N a multiple of 8), so that one vector holds 4 codes of each of 8 rows and
@@ -10,8 +11,8 @@
  * q8_matmul: W is int8 [N, K] with one float scale per row.
  * The activations are quantized to 8 bits per block of 32 (as llama.cpp's Q8_1), so each block's dot
  * product is an integer sum: w . x = d * dx * sum(q * qx) + m * sx, with sx = dx * sum(qx).
- * Plain C, with an AVX2 path. lmgen/kernels/__init__.py builds it at first use (with -ffp-contract=off, so
- * d * q + m rounds as torch rounds it); OpenMP threads are torch's own runtime.
+ * Plain C, with an AVX2 path. lmgen/kernels/__init__.py builds it at first use (with -ffp-contract=off: the
+ * compiler fuses no multiply and add on its own); OpenMP threads are torch's own runtime.
  */
 #include <math.h>
 #include <stdint.h>

@@ -1,5 +1,6 @@
-// matmul.c's and attention.c's kernels as torch operators (lmgen::q4_matmul, q8_matmul, decode_attention): one dispatcher call from eager code or from a torch.compile graph, with shape checks,
-// and Meta kernels so the compiler can trace them.
+// matmul.c's and attention.c's kernels as torch operators (lmgen::q4_matmul, q8_matmul, decode_attention): one
+// dispatcher call from eager code or from a torch.compile graph, with shape checks, and Meta kernels so the
+// compiler can trace them.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

@@ -73,8 +73,9 @@ class Int4Linear(nn.Module):
     def state(blocks: Q4Blocks) -> dict[str, torch.Tensor]:
         """The buffers for `blocks`, keyed by buffer name, in the native kernel's layout (lmgen/kernels/matmul.c).
 
-        Rows come in groups of 8, interleaved block by block: for each group and block, 128 bytes of codes
-        (byte 32j + 4r + t holds codes 4j + t and 16 + 4j + t of the group's row r), then 8 scales, 8 offsets.
+        Rows come in groups of 8, interleaved block by block: `qs` holds 128 bytes for each group and block
+        (byte 32j + 4r + t holds codes 4j + t and 16 + 4j + t of the group's row r), and `d` and `m` the 8
+        rows' scales and offsets, in the same group and block order.
         """
         n, k = blocks.q.shape
         q = blocks.q.view(n // ROWS, ROWS, k // GROUP, 2, 4, 4)  # group, row, block, half, j, t
