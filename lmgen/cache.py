@@ -14,7 +14,9 @@ class Step:
     """What one forward pass needs to know about where its tokens sit.
 
     positions: [B, T] position of each token; slots: [B] cache row of each batch row
-    (None without a cache); mask: [B, 1, T, S] True where a query may attend a key.
+    (None without a cache); mask: [B, 1, T, S] True where a query may attend a key. With `kernel`, lone new
+    tokens go through lmgen's decode kernel, which writes their keys and values and reads only the positions
+    in use itself: there is no mask or write index to build.
     """
 
     positions: torch.Tensor
@@ -23,6 +25,7 @@ class Step:
     kv_len: int
     slot_start: int | None  # first slot when the slots are a contiguous range, so reads are views
     write_index: torch.Tensor | None = None  # rows of the flattened cache layer that this step writes
+    kernel: bool = False
 
 
 def make_step(positions: torch.Tensor, cache: "KVCache | None", slots: list[int] | None) -> Step:
@@ -49,8 +52,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.n_slots, self.max_len = n_slots, max_len
-        # lone new tokens go through lmgen's kernel: it writes their keys and values and reads only the positions
-        # in use (see models/layers.attention)
+        # lone new tokens can go through lmgen's decode kernel (Step.kernel)
         self.decode_kernel = self.k.device.type == "cpu" and dtype == torch.float32 and kernels.native()
         self._free = list(range(n_slots - 1, -1, -1))
 
@@ -103,13 +105,16 @@ class KVCache:
         host = positions.cpu()
         kv_len = self.check_positions(host) + 1
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        device = self.k.device
+        if self.decode_kernel and host.shape[1] == 1:
+            return Step(positions.to(device), torch.tensor(slots, device=device), None, kv_len,
+                        slots[0] if contiguous else None, kernel=True)
         mask = None  # one new token sees all of its slot: no mask (faster attention)
         if host.shape != (1, 1):
             # A key is visible when it sits at or before the query's position: everything
             # there was written by this sequence, earlier or in this same step.
             mask = torch.arange(kv_len)[None, None, None, :] <= host[:, None, :, None]
         slot_t = torch.tensor(slots)
-        device = self.k.device
         return Step(positions.to(device), slot_t.to(device), None if mask is None else mask.to(device), kv_len,
                     slots[0] if contiguous else None, self._write_index(slot_t, host).to(device))
 
@@ -122,13 +127,15 @@ class KVCache:
 
     def single_step(self, slot: int, positions: torch.Tensor) -> Step:
         """The Step for one new token of the sequence in `slot` at positions [1, 1] (on the cache's device),
-        attending over the whole cache behind a mask.
+        attending over the whole cache behind a mask, or through the decode kernel.
 
         Every step has the same shapes, and nothing is read back to the host: a compiled or captured
         decode step builds this itself. The caller checks the position (check_positions).
         """
-        mask = torch.arange(self.max_len, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
         slot_t = torch.full((1,), slot, device=positions.device)
+        if self.decode_kernel:
+            return Step(positions, slot_t, None, self.max_len, slot, kernel=True)
+        mask = torch.arange(self.max_len, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
         return Step(positions, slot_t, mask, self.max_len, slot, self._write_index(slot_t, positions))
 
     def _write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

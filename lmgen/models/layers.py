@@ -19,7 +19,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     With a cache, the new keys and values are written first and the attention
     reads every earlier position of each row's slot.
     """
-    if cache is not None and cache.decode_kernel and q.shape[2] == 1:  # decoding on the CPU: writes k, v too
+    if step.kernel:  # lone new tokens on the CPU: the kernel writes k, v too
         out = torch.ops.lmgen.decode_attention(q, k, v, cache.k, cache.v, layer, step.slots, step.positions,
                                                q.shape[-1] ** -0.5 if scale is None else scale)
         return out.view(q.shape[0], 1, -1)
