@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .errors import LmgenError, ModelNotFoundError
+from .params import BOUNDS, ParameterError
 
 SEED_PROMPT = "The quick brown fox jumped over"
 
@@ -27,16 +28,31 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="report speed (tokens/s) on stderr")
 
 
+# Decoding flags, named after GenerationConfig's fields; their ranges come from BOUNDS.
+DECODING_FLAGS = {
+    "max_new_tokens": "tokens to generate (default 64)",
+    "temperature": "sampling temperature (default 1; below 1e-5 is greedy)",
+    "top_k": "keep the k most likely tokens",
+    "top_p": "keep the most likely tokens whose probability reaches p",
+    "min_p": "drop tokens less likely than p times the top one",
+    "repetition_penalty": "divide the logits of tokens already seen (1 is none)",
+    "seed": "makes sampling reproducible",
+}
+
+
+def _bounded(p: argparse.ArgumentParser, name: str, help: str, *flags: str, **kw) -> None:
+    bound = BOUNDS[name]
+    p.add_argument(*flags, f"--{name.replace('_', '-')}", type=bound.kind, default=None, dest=name,
+                   help=f"{help}; {bound.text().removeprefix('None or ')}", **kw)
+
+
 def _decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default: 64)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sample", dest="do_sample", action="store_true", default=None,
                       help="sample by the probabilities")
     mode.add_argument("--greedy", dest="do_sample", action="store_false", help="take the most likely token")
-    for name, kind in [("temperature", float), ("top-k", int), ("top-p", float), ("min-p", float),
-                       ("repetition-penalty", float)]:
-        p.add_argument(f"--{name}", type=kind, default=None)
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    for name, help in DECODING_FLAGS.items():
+        _bounded(p, name, help)
     p.add_argument("--stop", action="append", default=None, help="stop at this text (repeatable)")
 
 
@@ -49,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", default=SEED_PROMPT, help="the text to continue ('-' reads stdin)")
     _model_args(gen)
     _decoding_args(gen)
-    gen.add_argument("-n", "--num-return-sequences", type=int, default=1)
-    gen.add_argument("--num-beams", type=int, default=1)
+    _bounded(gen, "num_return_sequences", "sequences to generate", "-n")
+    _bounded(gen, "num_beams", "beam search with this many beams")
     gen.add_argument("--json", action="store_true", help="print JSON (JSON lines with --stream)")
     gen.add_argument("--stream", action="store_true", help="with --json: one JSON line per token")
-    gen.add_argument("--logprobs", type=int, default=None, metavar="N", help="with --json: top-N logprobs per token")
+    _bounded(gen, "logprobs", "with --json: top-N logprobs per token", metavar="N")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile single-sequence decoding, replayed as a CUDA graph on a GPU "
                           "(on a CPU the first run compiles for minutes; then cached)")
@@ -88,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on /v1 (default: $LMGEN_API_KEY, else none)")
     serve.add_argument("--max-n", type=int, default=8, help="most choices (n) per request")
+    serve.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                       help="Host header names answered besides the loopback's (a loopback bind answers only "
+                            "localhost, 127.0.0.1 and [::1]: no DNS rebinding); '*' answers any")
 
     models = sub.add_parser("models", help="list the embedded model and the models in the Hugging Face cache")
     models.add_argument("--json", action="store_true")
@@ -108,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFoundError as e:
         sys.stderr.write(f"lmgen: {e}\n")
         return 1
+    except ParameterError as e:  # named as its flag
+        sys.stderr.write(f"lmgen: error: {e.describe('--' + e.field.replace('_', '-'))}\n")
+        return 2
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
     except (LmgenError, ValueError, OSError) as e:

@@ -107,7 +107,7 @@ def _stream_one(lm, prompt, config, index, args) -> int:
                 line["generation"] = _generation_json(e.generation)
             _out(line)
         return count
-    _label(index, args.num_return_sequences)
+    _label(index, args.num_return_sequences or 1)
     sys.stdout.write(prompt)
     try:
         for e in lm.stream_events(prompt, config):
@@ -245,12 +245,14 @@ def serve(args) -> int:
         low = 0 if name == "port" else 1
         if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("LMGEN_API_KEY") or None
-    lm = _load(args)
     from .server import serve as run
+    from .server.gate import check_api_key
 
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LMGEN_API_KEY") or None
+    check_api_key(api_key)  # before the model loads
+    lm = _load(args)
     run(lm, host=args.host, port=args.port, max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
-        max_model_len=args.max_model_len, api_key=api_key, max_n=args.max_n)
+        max_model_len=args.max_model_len, api_key=api_key, max_n=args.max_n, allowed_hosts=args.allowed_hosts)
     return 0
 
 

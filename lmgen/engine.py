@@ -17,7 +17,7 @@ from .cache import KVCache
 from .errors import LmgenError
 from .generate import Generation, Sequence, TokenLogprob, decode_step, prefill
 from .lm import LM
-from .params import GenerationConfig
+from .params import GenerationConfig, ParameterError
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -45,6 +45,10 @@ class EngineFull(LmgenError):
     """The waiting queue is full: try again later."""
 
 
+class EngineStopped(LmgenError):
+    """The engine stopped before the request finished."""
+
+
 class Event(NamedTuple):
     """One step of one sequence of a request; the sequence's last event carries its Generation."""
 
@@ -53,7 +57,7 @@ class Event(NamedTuple):
     text: str
     logprob: TokenLogprob | None
     generation: Generation | None
-    error: str | None = None
+    error: Exception | None = None  # what ended the request, when it failed
 
 
 class Request:
@@ -147,13 +151,19 @@ class Engine:
         """Queue a request; raises EngineFull when the queue is full, ValueError when it cannot fit."""
         total = len(prompt_ids) + config.max_new_tokens
         if total > self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {config.max_new_tokens}: "
-                             f"together {total}, more than the model's maximum length {self.max_model_len}")
+            raise ParameterError("max_new_tokens", f"at most {self.max_model_len - len(prompt_ids)}",
+                                 config.max_new_tokens, message=(
+                                     f"the prompt has {len(prompt_ids)} tokens and max_tokens is "
+                                     f"{config.max_new_tokens}: together {total}, more than the model's maximum "
+                                     f"length {self.max_model_len}"))
         if config.num_return_sequences > self.max_concurrent:
-            raise ValueError(f"n={config.num_return_sequences} is more than the server's "
-                             f"{self.max_concurrent} concurrent sequences")
+            raise ParameterError("num_return_sequences", f"at most the server's {self.max_concurrent} concurrent "
+                                 "sequences", config.num_return_sequences,
+                                 message=f"n={config.num_return_sequences} is more than the server's "
+                                         f"{self.max_concurrent} concurrent sequences")
         if config.num_beams > 1:
-            raise ValueError("num_beams > 1 is not supported by the server")
+            raise ParameterError("num_beams", "1 on the server", config.num_beams,
+                                 message="num_beams > 1 is not supported by the server")
         request = Request(list(prompt_ids), config)
         with self._cond:
             if self._stopping:
@@ -180,7 +190,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         for request in list(self._waiting) + self._running:
-            request._push([Event(i, None, "", None, None, "engine shutting down") for i in range(request.n)], True)
+            stopped = EngineStopped("engine shutting down")
+            request._push([Event(i, None, "", None, None, stopped) for i in range(request.n)], True)
 
     @torch.inference_mode()
     def _loop(self) -> None:
@@ -287,6 +298,5 @@ class Engine:
             if s.finish_reason is None and s.slot >= 0:
                 s.finish_reason = "error"
                 self.cache.release(s.slot)
-        message = f"{type(error).__name__}: {error}"
-        request._push([Event(i, None, "", None, None, message) for i in range(request.n)])
+        request._push([Event(i, None, "", None, None, error) for i in range(request.n)])
         self._finish(request, "requests_failed")

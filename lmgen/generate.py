@@ -21,7 +21,7 @@ class TokenLogprob:
     """A token's log-probability, and the most likely tokens at its step as (token_id, logprob)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None: an echoed prompt's first token, which nothing predicts
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -71,6 +71,7 @@ class Sequence:
             ids = torch.tensor([self.prompt + self.tokens], device=logits.device)
             scores = sampling.apply_processors(self.processors, ids, logits[None])[0]
         c = self.config
+        sampling.check_scores(logits, scores, c)
         if not c.sampling:
             token = int(sampling.greedy(scores))
         elif c.weighted:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from .stopping import TextTracker
 from .tokenizer import Tokenizer
 
 Prompt = str | list[int]
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \ud800 escapes decode to these; no tokenizer takes them
 
 
 class TokenProb(NamedTuple):
@@ -73,6 +75,10 @@ class LM:
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids for a prompt given as text or ids; ValueError for an empty prompt or bad ids."""
         if isinstance(prompt, str):
+            at = lone_surrogate(prompt)
+            if at is not None:
+                raise ValueError(f"prompt holds a lone UTF-16 surrogate ({prompt[at]!r}) at character {at}: "
+                                 "it is not valid Unicode text")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
             ids = [int(i) for i in prompt]
@@ -254,6 +260,12 @@ class Score(NamedTuple):
     logprobs: list[float]
     total_logprob: float
     perplexity: float
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first lone UTF-16 surrogate in text, or None (text is valid Unicode)."""
+    m = None if text.isascii() else _SURROGATE.search(text)
+    return m.start() if m else None
 
 
 def _prompt_list(prompt) -> list:

@@ -1,4 +1,8 @@
-"""GenerationConfig: every decoding parameter, validated; Hugging Face names, else OpenAI/vLLM ones."""
+"""GenerationConfig: every decoding parameter, validated; Hugging Face names, else OpenAI/vLLM ones.
+
+BOUNDS is the one table of the numeric parameters' ranges: GenerationConfig checks it, the server's request models
+and the CLI's flags are built from it.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,103 @@ from dataclasses import dataclass, fields
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily, as vLLM does: dividing by it overflows
+
+
+class ParameterError(ValueError):
+    """A parameter with a bad value; `field` names it, `requirement` says what it must be."""
+
+    def __init__(self, field: str, requirement: str, value=None, *, message: str | None = None):
+        self.field, self.requirement, self.value, self.message = field, requirement, value, message
+        super().__init__(self.describe(field))
+
+    def describe(self, name: str) -> str:
+        """The message, calling the parameter `name` (an API field or a CLI flag)."""
+        return self.message or f"{name} must be {self.requirement}, got {self.value!r}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric parameter's range: `low` and `high` are inclusive unless open; None is unbounded."""
+
+    kind: type  # int or float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False  # None is allowed (off)
+
+    def ok(self, x) -> bool:
+        """Whether x is a value of this kind in range."""
+        if x is None:
+            return self.optional
+        if isinstance(x, bool) or not isinstance(x, (int, float) if self.kind is float else int):
+            return False
+        if not math.isfinite(x):
+            return False
+        above = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        below = self.high is None or (x < self.high if self.high_open else x <= self.high)
+        return above and below
+
+    def text(self) -> str:
+        """What a value must be, in words: 'a number in (0, 1]', 'an integer >= 0'."""
+        noun = "an integer" if self.kind is int else "a number"
+        low, high = _show(self.low), _show(self.high)
+        if self.low is not None and self.high is not None:
+            where = f"{noun} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            where = f"{noun} {'>' if self.low_open else '>='} {low}"
+        elif self.high is not None:
+            where = f"{noun} {'<' if self.high_open else '<='} {high}"
+        else:
+            where = f"a finite {'integer' if self.kind is int else 'number'}"
+        return f"None or {where}" if self.optional else where
+
+    def schema(self) -> dict:
+        """pydantic Field's keyword arguments for this range (ge/gt/le/lt)."""
+        out = {}
+        if self.low is not None:
+            out["gt" if self.low_open else "ge"] = self.low
+        if self.high is not None:
+            out["lt" if self.high_open else "le"] = self.high
+        return out
+
+
+def _show(x) -> str:
+    if x is None:
+        return ""
+    if abs(x) >= 2**32:
+        return f"-2**{int(math.log2(-x))}" if x < 0 else f"2**{int(math.log2(x + 1))} - 1"
+    return f"{x:g}"
+
+
+BOUNDS = {
+    "max_new_tokens": Bound(int, 0),
+    "min_new_tokens": Bound(int, 0),
+    "temperature": Bound(float, 0),
+    "top_k": Bound(int, -1, optional=True),  # 0 and -1: no limit
+    "top_p": Bound(float, 0, 1, low_open=True, optional=True),
+    "min_p": Bound(float, 0, 1, optional=True),
+    "typical_p": Bound(float, 0, 1, low_open=True, optional=True),
+    "epsilon_cutoff": Bound(float, 0, 1, high_open=True, optional=True),
+    "eta_cutoff": Bound(float, 0, 1, high_open=True, optional=True),
+    "logit_bias": Bound(float, -100, 100),  # each bias
+    "repetition_penalty": Bound(float, 0.01, 100, optional=True),
+    "frequency_penalty": Bound(float, -2, 2),
+    "presence_penalty": Bound(float, -2, 2),
+    "no_repeat_ngram_size": Bound(int, 0, optional=True),
+    "num_return_sequences": Bound(int, 1),
+    "num_beams": Bound(int, 1),
+    "length_penalty": Bound(float),
+    "seed": Bound(int, -2**63, 2**63 - 1, optional=True),
+    "logprobs": Bound(int, 0, MAX_LOGPROBS, optional=True),
+    "prompt_logprobs": Bound(int, 0, MAX_LOGPROBS, optional=True),
+}
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to generate. Invalid values raise ValueError naming the field and the allowed range."""
+    """How to generate. Invalid values raise ParameterError (a ValueError) naming the field and its range."""
 
     max_new_tokens: int = 64
     min_new_tokens: int = 0
@@ -56,19 +152,22 @@ class GenerationConfig:
         if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):
             object.__setattr__(self, "eos_token_id", [self.eos_token_id])
         for f in fields(self):
-            check = _CHECKS.get(f.name)
             value = getattr(self, f.name)
-            if check and not check[0](value):
-                raise ValueError(f"{f.name} must be {check[1]}, got {value!r}")
+            ok, requirement = _CHECKS.get(f.name) or (BOUNDS[f.name].ok, BOUNDS[f.name].text())
+            if not ok(value):
+                raise ParameterError(f.name, requirement, value)
         if self.num_beams > 1:
             if self.num_return_sequences > self.num_beams:
-                raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
-                                 f"({self.num_beams}) in beam search")
-            if self.stop or self.logprobs is not None:
-                raise ValueError("stop and logprobs are not supported with num_beams > 1")
+                raise ParameterError("num_return_sequences", f"<= num_beams ({self.num_beams}) in beam search",
+                                     self.num_return_sequences)
+            for name in ("stop", "logprobs"):
+                if getattr(self, name) not in (None, []):
+                    raise ParameterError(name, "None with num_beams > 1", getattr(self, name),
+                                         message=f"{name} is not supported with num_beams > 1")
             if self.do_sample:
-                raise ValueError("do_sample=True with num_beams > 1 (beam sampling) is not supported: "
-                                 "use num_beams=1 to sample, or do_sample=False for beam search")
+                raise ParameterError("do_sample", "False with num_beams > 1", True, message=(
+                    "do_sample=True with num_beams > 1 (beam sampling) is not supported: "
+                    "use num_beams=1 to sample, or do_sample=False for beam search"))
 
     @classmethod
     def from_params(cls, base: GenerationConfig | None = None, **params) -> GenerationConfig:
@@ -88,24 +187,16 @@ class GenerationConfig:
 
     @property
     def sampling(self) -> bool:
-        """True when tokens are drawn at random (temperature 0 means greedy)."""
-        return self.do_sample and self.temperature > 0
+        """True when tokens are drawn at random (a temperature below GREEDY_BELOW means greedy)."""
+        return self.do_sample and self.temperature >= GREEDY_BELOW
 
 
 def _int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _optional(pred):
-    return lambda x: x is None or pred(x)
-
-
 def _bias(x) -> bool:
-    return isinstance(x, dict) and all(_int(k) and _num(v) and -100 <= v <= 100 for k, v in x.items())
+    return isinstance(x, dict) and all(_int(k) and BOUNDS["logit_bias"].ok(v) for k, v in x.items())
 
 
 def _token_lists(x) -> bool:
@@ -113,41 +204,27 @@ def _token_lists(x) -> bool:
 
 
 def _stops(x) -> bool:
-    return isinstance(x, list) and len(x) <= MAX_STOP_STRINGS and all(
+    return x is None or isinstance(x, list) and len(x) <= MAX_STOP_STRINGS and all(
         isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in x)
 
 
+def _flag(x) -> bool:
+    return isinstance(x, bool)
+
+
+# The parameters that are not numbers in a range: (check, what the value must be).
 _CHECKS = {
-    "max_new_tokens": (lambda x: _int(x) and x >= 0, "an integer >= 0"),
-    "min_new_tokens": (lambda x: _int(x) and x >= 0, "an integer >= 0"),
-    "do_sample": (lambda x: isinstance(x, bool), "True or False"),
-    "temperature": (lambda x: _num(x) and x >= 0, "a number >= 0"),
-    "top_k": (_optional(lambda x: _int(x) and x >= 0), "None or an integer >= 0"),
-    "top_p": (_optional(lambda x: _num(x) and 0 < x <= 1), "None or a number in (0, 1]"),
-    "min_p": (_optional(lambda x: _num(x) and 0 <= x <= 1), "None or a number in [0, 1]"),
-    "typical_p": (_optional(lambda x: _num(x) and 0 < x <= 1), "None or a number in (0, 1]"),
-    "epsilon_cutoff": (_optional(lambda x: _num(x) and 0 <= x < 1), "None or a number in [0, 1)"),
-    "eta_cutoff": (_optional(lambda x: _num(x) and 0 <= x < 1), "None or a number in [0, 1)"),
-    "logit_bias": (_optional(_bias), "None or a dict of integer token ids to numbers in [-100, 100]"),
-    "repetition_penalty": (_optional(lambda x: _num(x) and x > 0), "None or a number > 0"),
-    "frequency_penalty": (lambda x: _num(x) and -2 <= x <= 2, "a number in [-2, 2]"),
-    "presence_penalty": (lambda x: _num(x) and -2 <= x <= 2, "a number in [-2, 2]"),
-    "no_repeat_ngram_size": (_optional(lambda x: _int(x) and x >= 0), "None or an integer >= 0"),
-    "bad_words_ids": (_optional(_token_lists), "None or a list of non-empty lists of token ids"),
-    "eos_token_id": (_optional(lambda x: isinstance(x, list) and all(_int(t) and t >= 0 for t in x)),
+    "do_sample": (_flag, "True or False"),
+    "logit_bias": (lambda x: x is None or _bias(x),
+                   f"None or a dict of integer token ids to {BOUNDS['logit_bias'].text().replace('a number', 'numbers')}"),
+    "bad_words_ids": (lambda x: x is None or _token_lists(x), "None or a list of non-empty lists of token ids"),
+    "eos_token_id": (lambda x: x is None or isinstance(x, list) and all(_int(t) and t >= 0 for t in x),
                      "None, a token id or a list of token ids"),
-    "ignore_eos": (lambda x: isinstance(x, bool), "True or False"),
-    "stop": (_optional(_stops),
+    "ignore_eos": (_flag, "True or False"),
+    "stop": (_stops,
              f"None or a list of at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LENGTH} characters"),
-    "include_stop_str_in_output": (lambda x: isinstance(x, bool), "True or False"),
-    "num_return_sequences": (lambda x: _int(x) and x >= 1, "an integer >= 1"),
-    "num_beams": (lambda x: _int(x) and x >= 1, "an integer >= 1"),
-    "length_penalty": (_num, "a finite number"),
+    "include_stop_str_in_output": (_flag, "True or False"),
     "early_stopping": (lambda x: isinstance(x, bool) or x == "never", "True, False or 'never'"),
-    "seed": (_optional(lambda x: _int(x) and -2**63 <= x < 2**63), "None or an integer in [-2**63, 2**63)"),
-    "weighted": (lambda x: isinstance(x, bool), "True or False"),
-    "logprobs": (_optional(lambda x: _int(x) and 0 <= x <= MAX_LOGPROBS), f"None or an integer in [0, {MAX_LOGPROBS}]"),
+    "weighted": (_flag, "True or False"),
     "logprobs_mode": (lambda x: x in ("raw", "processed"), "'raw' or 'processed'"),
-    "prompt_logprobs": (_optional(lambda x: _int(x) and 0 <= x <= MAX_LOGPROBS),
-                        f"None or an integer in [0, {MAX_LOGPROBS}]"),
 }

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import math
+from dataclasses import fields
+
 import torch
 
+from .errors import LmgenError
 from .params import GenerationConfig
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -239,7 +243,7 @@ def warpers(temperature: float = 1.0, top_k: int | None = None,
     out: list[Processor] = []
     if temperature != 1.0:
         out.append(temperature_warper(temperature))
-    if top_k:
+    if top_k is not None and top_k > 0:  # 0 and -1: no limit
         out.append(top_k_warper(top_k))
     if top_p is not None and top_p < 1.0:
         out.append(top_p_warper(top_p))
@@ -252,6 +256,35 @@ def apply_processors(processors: Sequence[Processor], input_ids: torch.Tensor,
     for proc in processors:
         scores = proc(input_ids, scores)
     return scores
+
+
+class InvalidScoresError(LmgenError, ValueError):
+    """No token can be chosen: the scores hold NaN or +inf, or mask every token. `fields` are the parameters in play."""
+
+    def __init__(self, values: dict[str, object], problem: str):
+        self.fields, self.problem = tuple(values), problem
+        cause = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        cause = f"after {cause}" if values else "in the model's own logits"
+        super().__init__(f"the next-token scores {problem} {cause}: no token can be chosen")
+
+
+# The parameters that shape the scores; a warper's only while sampling.
+SCORE_PARAMETERS = ("logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                    "no_repeat_ngram_size", "bad_words_ids", "min_new_tokens")
+WARPER_PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def check_scores(logits: torch.Tensor, scores: torch.Tensor, config: GenerationConfig) -> None:
+    """Raise InvalidScoresError unless a token can be chosen from scores [V] (the processed logits [V])."""
+    top = float(scores.max())  # NaN when any score is NaN
+    if math.isfinite(top):
+        return
+    problem = "hold NaN or +inf" if top != float("-inf") else "mask every token"
+    if not math.isfinite(float(logits.max())):
+        raise InvalidScoresError({}, problem)
+    defaults = {f.name: f.default for f in fields(GenerationConfig)}
+    names = SCORE_PARAMETERS + (WARPER_PARAMETERS if config.sampling else ())
+    raise InvalidScoresError({n: getattr(config, n) for n in names if getattr(config, n) != defaults[n]}, problem)
 
 
 def greedy(scores: torch.Tensor) -> torch.Tensor:

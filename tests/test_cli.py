@@ -109,8 +109,8 @@ def test_models_and_info(tiny_gpt2_dir):
 
 @pytest.mark.parametrize("args, code, message", [
     (["generate", "--bogus"], 2, "unrecognized arguments: --bogus"),
-    (["generate", "hi", "--top-p", "2"], 2, "top_p must be"),
-    (["generate", "hi", "--max-new-tokens", "-1"], 2, "max_new_tokens must be"),
+    (["generate", "hi", "--top-p", "2"], 2, "--top-p must be"),
+    (["generate", "hi", "--max-new-tokens", "-1"], 2, "--max-new-tokens must be"),
     (["generate", ""], 2, "prompt is empty"),
     (["generate", "hi", "--model", "./no/such/model"], 1, "does not exist"),
     (["probs", "hi", "--top", "0"], 2, "--top must be >= 1"),

@@ -216,7 +216,7 @@ def test_eos_options(tiny_gpt2, free):
 @pytest.mark.parametrize("params, name", [
     (dict(temperature=-1), "temperature"),
     (dict(top_p=0), "top_p"), (dict(top_p=1.01), "top_p"),
-    (dict(top_k=-1), "top_k"),
+    (dict(top_k=-2), "top_k"),
     (dict(min_p=1.5), "min_p"), (dict(min_p=-0.1), "min_p"),
     (dict(typical_p=0), "typical_p"),
     (dict(epsilon_cutoff=1), "epsilon_cutoff"), (dict(eta_cutoff=-0.1), "eta_cutoff"),

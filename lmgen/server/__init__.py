@@ -7,18 +7,23 @@ import sys
 from ..engine import Engine
 from ..lm import LM
 from .app import create_app
+from .gate import allowed_hosts as hosts_for
 
 __all__ = ["create_app", "serve"]
 
 
 def serve(lm: LM, *, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 8, max_waiting: int = 64,
           max_model_len: int | None = None, api_key: str | None = None, max_n: int = 8,
-          max_body: int = 1 << 20, log_level: str = "info") -> None:
-    """Serve `lm` until SIGINT/SIGTERM; running streams then end with an error chunk instead of hanging."""
+          max_body: int = 1 << 20, log_level: str = "info", allowed_hosts: list[str] | None = None) -> None:
+    """Serve `lm` until SIGINT/SIGTERM; running streams then end with an error chunk instead of hanging.
+
+    On a loopback bind only Host headers naming the loopback (and `allowed_hosts`) are answered.
+    """
     import uvicorn
 
     engine = Engine(lm, max_concurrent=max_concurrent, max_waiting=max_waiting, max_model_len=max_model_len)
-    app = create_app(engine, api_key=api_key, max_n=max_n, max_body=max_body)
+    app = create_app(engine, api_key=api_key, max_n=max_n, max_body=max_body,
+                     allowed_hosts=hosts_for(host, allowed_hosts))
     state = app.state.lmgen
 
     class Server(uvicorn.Server):

@@ -17,15 +17,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import Engine, EngineFull
+from ..engine import Engine, EngineFull, EngineStopped
 from ..errors import LmgenError
-from ..params import MAX_STOP_STRINGS, GenerationConfig
-from .errors import APIError, from_validation_errors, from_value_error
+from ..params import GenerationConfig, ParameterError
+from ..sampling import InvalidScoresError
+from .errors import APIError, from_parameter_error, from_validation_errors
+from .explorer import forward_gate
 from .explorer import router as explorer_router
-from .gate import Gate
+from .gate import Gate, check_api_key
 from .metrics import Metrics
-from .output import Choice, TokenStrings, chat_logprobs, completion_logprobs, usage
+from .output import Choice, TokenStrings, chat_logprobs, completion_logprobs, echo_logprobs, usage
 from .protocol import (
+    API_NAMES,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -34,19 +37,23 @@ from .protocol import (
     ModelList,
     SamplingRequest,
 )
+from .tokenizer_api import router as tokenizer_router
 
 MAX_PROMPTS = 64  # prompts in one completions request
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 429, 500, 503)}
 
 
 class ServerState:
     """What the routes share: the engine, the served model's names, the limits and the metrics."""
 
-    def __init__(self, engine: Engine, *, model_id: str | None, api_key: str | None, max_n: int, max_body: int):
+    def __init__(self, engine: Engine, *, model_id: str | None, api_key: str | None, max_n: int, max_body: int,
+                 allowed_hosts: set[str] | None = None):
         self.engine, self.lm = engine, engine.lm
         self.model_id = model_id or self.lm.name
         self.names = {self.model_id, self.lm.name, Path(self.lm.name).name}
+        check_api_key(api_key)
         self.api_key, self.max_n, self.max_body = api_key, max_n, max_body
+        self.allowed_hosts = allowed_hosts  # None: any Host header
         self.metrics = Metrics()
         self.strings = TokenStrings(self.lm.tokenizer)
         self.created = int(time.time())
@@ -83,51 +90,18 @@ class ServerState:
             raise APIError(400, f"The prompt has {longest} tokens and max_tokens is {max_tokens}: together "
                                 f"{longest + max_tokens}, more than this model's maximum length of {limit} tokens.",
                            param="max_tokens")
-        temperature = 1.0 if body.temperature is None else body.temperature
-        top_k = body.top_k if body.top_k and body.top_k > 0 else None
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        if stop and len(stop) > MAX_STOP_STRINGS:
-            raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
         eos = None
         if body.stop_token_ids:
             self._check_ids(body.stop_token_ids, "stop_token_ids")
             eos = list(self.lm.eos_token_ids) + body.stop_token_ids
-        params = dict(
-            max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-            top_p=body.top_p, top_k=top_k, min_p=body.min_p, typical_p=body.typical_p,
-            epsilon_cutoff=body.epsilon_cutoff, eta_cutoff=body.eta_cutoff, repetition_penalty=body.repetition_penalty,
-            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-            no_repeat_ngram_size=body.no_repeat_ngram_size or None, min_new_tokens=body.min_tokens,
-            ignore_eos=body.ignore_eos, stop=stop,
-            include_stop_str_in_output=body.include_stop_str_in_output, num_return_sequences=body.n,
-            seed=body.seed, logprobs=logprobs, logit_bias=self._logit_bias(body.logit_bias), eos_token_id=eos)
-        try:
-            return GenerationConfig(**params)
-        except ValueError as e:
-            raise from_value_error(e) from None
+        config = body.to_generation_config(max_tokens, logprobs, eos)
+        self._check_ids(list(config.logit_bias or ()), "logit_bias")
+        return config
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         bad = [i for i in ids if not 0 <= i < self.lm.vocab_size]
         if bad:
             raise APIError(400, f"{param} must be token ids in [0, {self.lm.vocab_size}), got {bad[:5]}", param=param)
-
-    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
-        # OpenAI sends the token ids as JSON object keys, so as strings.
-        if not bias:
-            return None
-        out = {}
-        for key, value in bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise APIError(400, f"logit_bias keys must be token ids (integers), got {key!r}",
-                               param="logit_bias") from None
-            if not -100 <= value <= 100:
-                raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for token {key}",
-                               param="logit_bias")
-            out[token] = value
-        self._check_ids(list(out), "logit_bias")
-        return out
 
     def submit(self, prompts: list[list[int]], config: GenerationConfig) -> list:
         """One engine request per prompt; 429 (Retry-After) when the queue is full, 503 when shutting down."""
@@ -137,9 +111,9 @@ class ServerState:
         try:
             for ids in prompts:
                 requests.append(self.engine.submit(ids, config))
-        except ValueError as e:
+        except ParameterError as e:
             cancel(requests)
-            raise from_value_error(e) from None
+            raise from_parameter_error(e) from None
         except EngineFull as e:
             cancel(requests)
             if self.shutting_down:
@@ -148,11 +122,14 @@ class ServerState:
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         return requests
 
-    def failure(self, error: str) -> APIError:
+    def failure(self, error: Exception) -> APIError:
         """The error for a request the engine ended with an error event."""
-        if self.shutting_down:
+        if self.shutting_down or isinstance(error, EngineStopped):
             return APIError(503, f"Generation stopped: {error}.", type="server_error", code="shutting_down")
-        return APIError(500, f"Generation failed: {error}.", type="server_error")
+        if isinstance(error, InvalidScoresError) and error.fields:  # the request's parameters, not the server
+            return APIError(400, f"Generation failed: {error}; choose other values.",
+                            param=API_NAMES.get(error.fields[0], error.fields[0]), code="invalid_scores")
+        return APIError(500, f"Generation failed: {type(error).__name__}: {error}.", type="server_error")
 
 
 def cancel(requests) -> None:
@@ -240,9 +217,13 @@ def _base(state: ServerState, prefix: str, obj: str) -> dict:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, max_body: int = 1 << 20,
-               model_id: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`'s model; it starts the engine and stops it at shutdown."""
-    state = ServerState(engine, model_id=model_id, api_key=api_key, max_n=max_n, max_body=max_body)
+               model_id: str | None = None, allowed_hosts: set[str] | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`'s model; it starts the engine and stops it at shutdown.
+
+    allowed_hosts: the Host header names answered (None: any); serve() sets it for a loopback bind.
+    """
+    state = ServerState(engine, model_id=model_id, api_key=api_key, max_n=max_n, max_body=max_body,
+                        allowed_hosts=allowed_hosts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -256,10 +237,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
     app.state.lmgen = state
     app.add_middleware(Gate, state=state)
     app.include_router(explorer_router)  # the token explorer: the page at / and POST /v1/next_token
+    app.include_router(tokenizer_router)  # vLLM's /tokenize, /detokenize, /tokenizer_info (lm-eval uses them)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
         return e.response()
+
+    @app.exception_handler(ParameterError)
+    async def _bad_parameter(request, e: ParameterError):
+        return from_parameter_error(e).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
@@ -308,12 +294,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
     async def completions(body: CompletionRequest, request: Request):
         """Complete one or several prompts; `stream: true` sends text_completion chunks as server-sent events."""
         state.check_model(body.model)
-        if body.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise APIError(400, f"best_of must equal n (or be left out), got {body.best_of}", param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+        body.check()
         prompt = body.prompt
         prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
         if not prompts:
@@ -326,19 +307,20 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
             raise APIError(400, str(e), param="prompt") from None
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         config = state.config(body, max_tokens, body.logprobs, [len(i) for i in ids])
-        echoes = [(p if isinstance(p, str) else state.lm.tokenizer.decode(i)) if body.echo else ""
-                  for p, i in zip(prompts, ids)]
-        n = body.n
-        choices = [Choice(k * n + j, echoes[k]) for k in range(len(ids)) for j in range(n)]
+        n, with_logprobs = body.n, body.logprobs is not None
+        choices = [Choice(k * n + j, finish_reason=None if max_tokens else "length")
+                   for k in range(len(ids)) for j in range(n)]
+        if body.echo:
+            async with forward_gate(request):
+                await asyncio.to_thread(_echo, state, prompts, ids, choices, n, body.logprobs)
         prompt_tokens = sum(len(i) for i in ids)
-        requests = state.submit(ids, config)
+        requests = state.submit(ids, config) if max_tokens else []
         base = _base(state, "cmpl", "text_completion")
-        with_logprobs = body.logprobs is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(_stream_completion(state, requests, choices, n, base, prompt_tokens, with_logprobs,
                                                   include_usage), requests)
-        if not await collect(state, requests, choices, n, request):
+        if requests and not await collect(state, requests, choices, n, request):
             return Response(status_code=499)
         return JSONResponse(dict(base, choices=[
             {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
@@ -351,12 +333,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Answer through the model's chat template; `stream: true` sends chat.completion.chunk events."""
         state.check_model(body.model)
-        if body.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, 'only response_format {"type": "text"} is supported', param="response_format")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        body.check()
         messages = []
         for i, m in enumerate(body.messages):
             content = m.content
@@ -413,6 +390,16 @@ def _card(state: ServerState) -> dict:
             "max_model_len": state.engine.max_model_len}
 
 
+def _echo(state: ServerState, prompts: list, ids: list[list[int]], choices: list[Choice], n: int,
+          logprobs: int | None) -> None:
+    """Start each choice with its prompt: the text, and with logprobs each prompt token's (in a worker thread)."""
+    for k, (p, i) in enumerate(zip(prompts, ids)):
+        text = p if isinstance(p, str) else state.lm.tokenizer.decode(i)
+        entries = echo_logprobs(state.lm, i, logprobs) if logprobs is not None else []
+        for c in choices[k * n:(k + 1) * n]:
+            c.text, c.logprobs = text, list(entries)
+
+
 def _chat_ids(lm, messages: list[dict]) -> list[int]:
     if not lm.tokenizer.chat_template:
         raise ValueError(f"{lm.name} has no chat template: use /v1/completions")
@@ -424,9 +411,10 @@ async def _stream_completion(state, requests, choices, n, base, prompt_tokens, w
     """text_completion chunks, then (optionally) usage, then [DONE]; an error event ends it with an error chunk."""
     extra = {"usage": None} if include_usage else {}
     for c in choices:
-        if c.text:  # echo: the prompt comes first
-            yield sse(dict(base, choices=[{"index": c.index, "text": c.text, "logprobs": None,
-                                           "finish_reason": None}], **extra))
+        if c.text or c.finish_reason:  # echo: the prompt comes first (alone, with max_tokens 0)
+            logprobs = completion_logprobs(c.logprobs, state.strings) if with_logprobs else None
+            yield sse(dict(base, choices=[{"index": c.index, "text": c.text, "logprobs": logprobs,
+                                           "finish_reason": c.finish_reason}], **extra))
     async for k, event in merged(requests):
         if event.error:
             yield sse(state.failure(event.error).body())

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from .protocol import ChatCompletionRequest, CompletionRequest
-
-# GenerationConfig's names for the fields the API calls otherwise.
-API_NAMES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n", "min_new_tokens": "min_tokens",
-             "eos_token_id": "stop_token_ids"}
-FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+from ..params import ParameterError
+from .protocol import API_NAMES
 UNION_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
@@ -22,6 +18,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        # A message may quote the request's text: keep it encodable (a lone surrogate would fail as UTF-8).
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
@@ -35,17 +33,10 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def from_value_error(e: ValueError) -> APIError:
-    """A 400 for a ValueError from GenerationConfig or the engine, naming the API's field."""
-    message = str(e)
-    first = message.split(" ", 1)[0]
-    if first in API_NAMES:
-        message = API_NAMES[first] + message[len(first):]
-        first = API_NAMES[first]
-    if first.startswith("n="):
-        first = "n"
-    param = first if first in FIELDS else ("max_tokens" if "max_tokens" in message else None)
-    return APIError(400, message, param=param)
+def from_parameter_error(e: ParameterError) -> APIError:
+    """A 400 for a ParameterError from a request model or GenerationConfig, named as the API names the field."""
+    name = API_NAMES.get(e.field, e.field)
+    return APIError(400, e.describe(name), param=name)
 
 
 def _loc_text(loc: list) -> str:

@@ -14,11 +14,11 @@ from typing import Annotated
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .errors import APIError
 from .output import clean
-from .protocol import ErrorResponse
+from .protocol import ErrorResponse, Int, whole_number
 
 MAX_TOP_N = 100
 STATIC_DIR = Path(__file__).parent / "static"
@@ -42,15 +42,17 @@ router = APIRouter()
 class NextTokenRequest(BaseModel):
     """The prompt, as text or as token ids (exactly one of them), and how many tokens to list."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Exactly one of prompt and token_ids, as the schema says (neither may be null: leave it out instead).
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["token_ids"]}]})
 
     model: str | None = Field(None, description="The served model's id (see GET /v1/models); may be left out.")
-    prompt: str | None = Field(None, description="The prompt as text, tokenized as /v1/completions tokenizes it.",
-                               examples=["The quick brown fox jumped over"])
-    token_ids: list[int] | None = Field(
+    prompt: str = Field(None, description="The prompt as text, tokenized as /v1/completions tokenizes it; "
+                        "not with token_ids.", examples=["The quick brown fox jumped over"])
+    token_ids: list[Int] = Field(
         None, description="The prompt as token ids, each in [0, vocabulary size): instead of `prompt`.",
         examples=[[464, 2068, 7586, 21831, 11687, 625]])
-    top_n: Annotated[int, Field(ge=1, le=MAX_TOP_N)] = Field(
+    top_n: Annotated[int, Field(ge=1, le=MAX_TOP_N), BeforeValidator(whole_number)] = Field(
         20, description=f"How many of the most likely next tokens to return, 1 to {MAX_TOP_N}.")
 
 
@@ -102,8 +104,9 @@ def _distribution(lm, body: NextTokenRequest, limit: int) -> tuple[list[int], li
     return ids, tokens
 
 
-def _gate(request: Request) -> asyncio.Semaphore:
-    # One forward pass at a time for the explorer, so a fast typist cannot crowd out the engine's thread.
+def forward_gate(request: Request) -> asyncio.Semaphore:
+    """One forward pass at a time outside the engine (the explorer, echoed prompts' logprobs), so a fast typist or
+    a scoring client cannot crowd out the engine's thread."""
     gate = getattr(request.app.state, "explorer_gate", None)
     if gate is None:
         gate = request.app.state.explorer_gate = asyncio.Semaphore(1)
@@ -120,7 +123,7 @@ async def next_token(body: NextTokenRequest, request: Request) -> NextTokenRespo
         raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
     _check(body, state.lm)
     limit = min(state.lm.context_length, state.engine.max_model_len)
-    async with _gate(request):
+    async with forward_gate(request):
         # The forward pass runs in a worker thread: the event loop goes on serving other requests.
         ids, tokens = await asyncio.to_thread(_distribution, state.lm, body, limit)
     return NextTokenResponse(model=state.model_id, prompt_token_ids=ids, tokens=tokens)

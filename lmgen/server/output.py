@@ -61,11 +61,11 @@ def clean(logprob: float) -> float:
 class Choice:
     """One choice being built from its sequence's events."""
 
-    def __init__(self, index: int, prefix: str = ""):
+    def __init__(self, index: int, prefix: str = "", finish_reason: str | None = None):
         self.index = index
         self.text = prefix
         self.tokens = 0
-        self.finish_reason: str | None = None
+        self.finish_reason = finish_reason
         self.logprobs: list[tuple[TokenLogprob, int]] = []  # with each token's offset in the text
 
     def add(self, event) -> list[tuple[TokenLogprob, int]]:
@@ -82,14 +82,32 @@ class Choice:
         return added
 
 
+def echo_logprobs(lm, ids: list[int], top_n: int) -> list[tuple[TokenLogprob, int]]:
+    """The prompt's logprob entries with their offsets in its decoded text; the first token's logprob is None."""
+    scored = lm.prompt_logprobs(ids, top_n)
+    first = TokenLogprob(ids[0], None)
+    offsets = [len(lm.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    return list(zip([first] + scored[1:], offsets))
+
+
 def completion_logprobs(entries: list[tuple[TokenLogprob, int]], strings: TokenStrings) -> dict:
-    """The legacy completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+    """The legacy completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset.
+
+    As OpenAI and vLLM do, each step's top_logprobs holds the chosen token too: up to logprobs + 1 entries.
+    """
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for lp, offset in entries:
-        out["tokens"].append(strings.info(lp.token_id)[0])
-        out["token_logprobs"].append(clean(lp.logprob))
-        out["top_logprobs"].append({strings.info(t)[0]: clean(v) for t, v in lp.top})
+        token = strings.info(lp.token_id)[0]
+        out["tokens"].append(token)
         out["text_offset"].append(offset)
+        if lp.logprob is None:  # the prompt's first token: nothing before it to condition on
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(clean(lp.logprob))
+        top = {strings.info(t)[0]: clean(v) for t, v in lp.top}
+        top.setdefault(token, clean(lp.logprob))
+        out["top_logprobs"].append(top)
     return out
 
 

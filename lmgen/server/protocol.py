@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from ..params import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from ..params import BOUNDS, MAX_STOP_LENGTH, MAX_STOP_STRINGS, GenerationConfig, ParameterError
 
+# GenerationConfig's names for the fields the API calls otherwise.
+API_NAMES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n", "min_new_tokens": "min_tokens",
+             "eos_token_id": "stop_token_ids"}
+
+
+def whole_number(x):
+    """x, or the int a whole-number float stands for."""
+    # JSON Schema's "integer" takes 1.0 too: a whole-number float is that integer (a bool or 1.5 still fails).
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+Int = Annotated[int, BeforeValidator(whole_number)]
+Count = Annotated[int, Field(ge=1), BeforeValidator(whole_number)]  # the range inside: see bounded()
 Stop = str | list[str] | None
+
+
+def bounded(name: str):
+    """The type of a field whose range is BOUNDS[name], GenerationConfig's own (`name` is its field name)."""
+    bound = BOUNDS[name]
+    if bound.kind is int:  # the range inside, so the schema shows it (pydantic drops it over a before-validator)
+        return Annotated[int, Field(**bound.schema()), BeforeValidator(whole_number)]
+    return Annotated[float, Field(**bound.schema())]
+
+
+def about(name: str, description: str) -> str:
+    """A field's description, with BOUNDS[name]'s range in words."""
+    return f"{description} ({BOUNDS[name].text().removeprefix('None or ')})"
 
 
 class StreamOptions(BaseModel):
@@ -25,47 +51,103 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = Field(None, description="The served model's id (see GET /v1/models); may be left out.")
-    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature; 0 is greedy. Default 1.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens "
-                                "whose probability reaches top_p.")
-    n: int = Field(1, ge=1, description="How many choices to generate for each prompt (at most the server's --max-n).")
+    temperature: bounded("temperature") | None = Field(None, description=about(
+        "temperature", "Sampling temperature; below 1e-5 is greedy. Default 1."))
+    top_p: bounded("top_p") | None = Field(None, description=about(
+        "top_p", "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."))
+    n: bounded("num_return_sequences") = Field(1, description=about(
+        "num_return_sequences", "How many choices to generate for each prompt, at most the server's --max-n."))
     stop: Stop = Field(None, description=f"Up to {MAX_STOP_STRINGS} strings (each at most {MAX_STOP_LENGTH} "
                        "characters) that end generation; the stop string is not returned.")
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
-                             description="Makes sampling reproducible: choice i is seeded seed + i.")
-    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Penalise tokens that have appeared at all.")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Penalise tokens by how often they appeared.")
-    logit_bias: dict[str, float] | None = Field(
-        None, description="Token id (as a string) to a bias in [-100, 100] added to its logit.")
+    seed: bounded("seed") | None = Field(None, description=about(
+        "seed", "Makes sampling reproducible: choice i is seeded seed + i."))
+    presence_penalty: bounded("presence_penalty") = Field(0.0, description=about(
+        "presence_penalty", "Penalise tokens that have appeared at all."))
+    frequency_penalty: bounded("frequency_penalty") = Field(0.0, description=about(
+        "frequency_penalty", "Penalise tokens by how often they appeared."))
+    logit_bias: dict[str, bounded("logit_bias")] | None = Field(None, description=about(
+        "logit_bias", "Token id (as a string) to a bias added to its logit."))
     stream: bool = Field(False, description="Send the result as server-sent events, ending with `data: [DONE]`.")
-    stream_options: StreamOptions | None = Field(None, description="Options for streaming (include_usage).")
+    stream_options: StreamOptions | None = Field(None, description="Options for streaming (include_usage); "
+                                                 "only with stream: true.")
     user: str | None = Field(None, description="An end-user id; accepted and ignored.")
     # lmgen's samplers, beyond OpenAI's fields (the openai client sends them with extra_body).
-    top_k: int | None = Field(None, ge=-1, description="Keep the k most likely tokens (0 or -1: no limit).")
-    min_p: float | None = Field(None, ge=0, le=1, description="Drop tokens less likely than min_p times the top one.")
-    typical_p: float | None = Field(None, gt=0, le=1, description="Locally typical sampling mass.")
-    epsilon_cutoff: float | None = Field(None, ge=0, lt=1, description="Drop tokens with probability below this.")
-    eta_cutoff: float | None = Field(None, ge=0, lt=1, description="Eta sampling cutoff.")
-    repetition_penalty: float | None = Field(None, gt=0, description="Divide the logits of tokens already seen "
-                                             "(1 is none).")
-    no_repeat_ngram_size: int | None = Field(None, ge=0, description="Never repeat an n-gram of this size.")
-    min_tokens: int = Field(0, ge=0, description="Generate at least this many tokens before EOS or a stop string.")
+    top_k: bounded("top_k") | None = Field(None, description=about(
+        "top_k", "Keep the k most likely tokens; 0 or -1: no limit."))
+    min_p: bounded("min_p") | None = Field(None, description=about(
+        "min_p", "Drop tokens less likely than min_p times the top one."))
+    typical_p: bounded("typical_p") | None = Field(None, description=about(
+        "typical_p", "Locally typical sampling mass."))
+    epsilon_cutoff: bounded("epsilon_cutoff") | None = Field(None, description=about(
+        "epsilon_cutoff", "Drop tokens with probability below this."))
+    eta_cutoff: bounded("eta_cutoff") | None = Field(None, description=about("eta_cutoff", "Eta sampling cutoff."))
+    repetition_penalty: bounded("repetition_penalty") | None = Field(None, description=about(
+        "repetition_penalty", "Divide the logits of tokens already seen; 1 is none."))
+    no_repeat_ngram_size: bounded("no_repeat_ngram_size") | None = Field(None, description=about(
+        "no_repeat_ngram_size", "Never repeat an n-gram of this size."))
+    min_tokens: bounded("min_new_tokens") = Field(0, description=about(
+        "min_new_tokens", "Generate at least this many tokens before EOS or a stop string."))
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-    stop_token_ids: list[int] | None = Field(None, description="Token ids that end generation, besides EOS.")
+    stop_token_ids: list[Int] | None = Field(None, description="Token ids that end generation, besides EOS.")
     include_stop_str_in_output: bool = Field(False, description="Keep the matched stop string in the text.")
+
+    def check(self) -> None:
+        """Reject field combinations the schema cannot state (ParameterError naming the field)."""
+        if self.stream_options is not None and not self.stream:
+            raise ParameterError("stream_options", "unset unless stream is true", self.stream_options,
+                                 message="stream_options is only allowed with stream: true")
+
+    def to_generation_config(self, max_tokens: int, logprobs: int | None = None,
+                             eos_token_id: list[int] | None = None) -> GenerationConfig:
+        """The GenerationConfig this request asks for; ParameterError (lmgen's or the API's field name) otherwise."""
+        self.check()
+        return GenerationConfig(
+            max_new_tokens=max_tokens, do_sample=True, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, typical_p=self.typical_p,
+            epsilon_cutoff=self.epsilon_cutoff, eta_cutoff=self.eta_cutoff, repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size or None, min_new_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos, stop=[self.stop] if isinstance(self.stop, str) else self.stop,
+            include_stop_str_in_output=self.include_stop_str_in_output, num_return_sequences=self.n,
+            seed=self.seed, logprobs=logprobs, logit_bias=self.token_biases(), eos_token_id=eos_token_id)
+
+    def token_biases(self) -> dict[int, float] | None:
+        """logit_bias with integer keys (OpenAI sends the token ids as JSON object keys, so as strings)."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, value in self.logit_bias.items():
+            try:
+                out[int(key)] = value
+            except ValueError:
+                raise ParameterError("logit_bias", "a dict of token ids (integers)", key,
+                                     message=f"logit_bias keys must be token ids (integers), got {key!r}") from None
+        return out
 
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: continue one prompt or several."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
         description="The text to continue: a string, a list of strings, a list of token ids or a list of them.")
-    max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate for each choice (default 16).")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Return the log-probability of each token and of the "
-                                 "`logprobs` most likely alternatives (0..5).")
-    echo: bool = Field(False, description="Return the prompt before the completion.")
-    best_of: int | None = Field(None, ge=1, description="Only n (or unset) is supported.")
+    max_tokens: bounded("max_new_tokens") | None = Field(16, description=about(
+        "max_new_tokens", "Most tokens to generate for each choice (default 16; 0 with echo scores the prompt)."))
+    logprobs: bounded("logprobs") | None = Field(None, description=about(
+        "logprobs", "Return each token's log-probability and the `logprobs` most likely alternatives; the chosen "
+        "token is always among them."))
+    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: the prompt's "
+                       "logprobs too).")
+    best_of: Count | None = Field(None, description="Only n (or unset) is supported.")
     suffix: str | None = Field(None, description="Not supported: must be unset.")
+
+    def check(self) -> None:
+        """Also: suffix and best_of other than n are not supported."""
+        super().check()
+        if self.suffix:
+            raise ParameterError("suffix", "unset", self.suffix, message="suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ParameterError("best_of", f"n ({self.n}) or unset", self.best_of,
+                                 message=f"best_of must equal n (or be left out), got {self.best_of}")
 
 
 class ContentPart(BaseModel):
@@ -89,14 +171,34 @@ class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions: answer a conversation through the model's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far (at least one message).")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default: what fits the "
+    max_tokens: Count | None = Field(None, description="Most tokens to generate (default: what fits the "
                                    "context).")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens.")
+    max_completion_tokens: Count | None = Field(None, description="Newer name for max_tokens.")
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the most likely alternatives "
-                                     "per token (0..20).")
+    top_logprobs: bounded("logprobs") | None = Field(None, description=about(
+        "logprobs", "With logprobs: the most likely alternatives per token."))
     response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is supported.')
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be unset or empty.")
+    functions: list[dict[str, Any]] | None = Field(None, description="Legacy tools; not supported: must be unset "
+                                                   "or empty.")
+    function_call: str | dict[str, Any] | None = Field(None, description='Legacy tool choice; only "none" (or '
+                                                       "unset) is supported.")
+
+    def check(self) -> None:
+        """Also: no tools, functions or structured output; top_logprobs needs logprobs."""
+        super().check()
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ParameterError(name, "unset or empty", None, message=f"{name} are not supported by this server")
+        if self.function_call not in (None, "none"):
+            raise ParameterError("function_call", "unset or 'none'", None,
+                                 message="function_call is not supported by this server (functions are not)")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ParameterError("response_format", '{"type": "text"}', None,
+                                 message='only response_format {"type": "text"} is supported')
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParameterError("top_logprobs", "unset unless logprobs is true", self.top_logprobs,
+                                 message="top_logprobs needs logprobs: true")
 
 
 # ------------------------------------------------------------------ responses (documentation only)
@@ -113,8 +215,9 @@ class CompletionLogprobs(BaseModel):
     """The legacy completions logprobs object."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None] = Field(description="null for an echoed prompt's first token.")
+    top_logprobs: list[dict[str, float] | None] = Field(description="Up to logprobs + 1 entries: the chosen token "
+                                                        "is always there; null for an echoed prompt's first token.")
     text_offset: list[int]
 
 
