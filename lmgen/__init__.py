@@ -1,6 +1,6 @@
 """lmgen: generate text with causal language models."""
 
-from .errors import CorruptFileError, LmgenError, ModelNotFoundError, UnsupportedModelError
+from .errors import ConfigError, CorruptFileError, LmgenError, ModelNotFoundError, UnsupportedModelError
 from .generate import Generation
 from .lm import LM, TokenProb
 from .loading import load, load_tokenizer
@@ -8,5 +8,5 @@ from .params import GenerationConfig
 from .pipeline import pipeline
 
 __all__ = ["LM", "Generation", "GenerationConfig", "TokenProb", "load", "load_tokenizer", "pipeline",
-           "LmgenError", "ModelNotFoundError", "UnsupportedModelError", "CorruptFileError"]
+           "LmgenError", "ModelNotFoundError", "UnsupportedModelError", "CorruptFileError", "ConfigError"]
 __version__ = "0.1.0"

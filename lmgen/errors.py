@@ -14,4 +14,16 @@ class UnsupportedModelError(LmgenError):
 
 
 class CorruptFileError(LmgenError):
-    """A weights or tokenizer file that is truncated, malformed or inconsistent."""
+    """A weights, config or tokenizer file that is truncated, malformed or inconsistent; `path` is the file."""
+
+    def __init__(self, message: str, path: object = None):
+        super().__init__(message)
+        self.path = path
+
+
+class ConfigError(CorruptFileError):
+    """A model config (config.json, or a GGUF's metadata) whose `key` is missing or has the wrong type."""
+
+    def __init__(self, path: object, key: str, problem: str):
+        super().__init__(f"{path or 'model config'}: key {key!r} {problem}", path)
+        self.key = key

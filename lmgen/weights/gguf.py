@@ -10,7 +10,8 @@ import torch
 
 from ..errors import CorruptFileError, UnsupportedModelError
 from ..models.quant import Q4Blocks
-from .gguf_format import GGUFParseError, read_gguf
+from .gguf_format import GGUFParseError, UnsupportedGGUFVersion, read_gguf
+from .hf import REQUIRED, config_value
 from .quants import Q4_TYPES, dequantize, q4_codes
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face names, per architecture; {i} is the block.
@@ -57,13 +58,15 @@ class GGUFFile:
             with open(self.path, "rb") as f:
                 magic = f.read(4)
         except OSError as e:
-            raise CorruptFileError(f"{self.path}: cannot be read ({e.strerror})") from None
+            raise CorruptFileError(f"{self.path}: cannot be read ({e.strerror})", self.path) from None
         if magic != b"GGUF":
-            raise CorruptFileError(f"{self.path}: not a GGUF file (it does not start with b'GGUF')")
+            raise CorruptFileError(f"{self.path}: not a GGUF file (it does not start with b'GGUF')", self.path)
         try:
             self.metadata, self.tensor_infos = read_gguf(self.path)
+        except UnsupportedGGUFVersion as e:
+            raise UnsupportedModelError(f"{self.path}: {e}") from None
         except (GGUFParseError, OSError, ValueError) as e:
-            raise CorruptFileError(f"{self.path}: truncated or corrupt GGUF file ({e})") from None
+            raise CorruptFileError(f"{self.path}: truncated or corrupt GGUF file ({e})", self.path) from None
         self.arch = self.metadata.get("general.architecture")
 
     def config(self) -> dict:
@@ -73,32 +76,32 @@ class GGUFFile:
             raise UnsupportedModelError(
                 f"{self.path}: GGUF architecture {a!r} is not supported; supported: {', '.join(TENSOR_NAMES)}")
 
-        def get(key, default=None):
-            return m.get(f"{a}.{key}", default)
+        def get(key, kind=int, default=REQUIRED):  # checked here, so an error names the GGUF's own key
+            return config_value(m, f"{a}.{key}", kind, default, path=self.path)
 
         names = {t.name for t in self.tensor_infos}
-        vocab = get("vocab_size") or len(m.get("tokenizer.ggml.tokens", ()))
+        vocab = get("vocab_size", int, None) or len(m.get("tokenizer.ggml.tokens", ()))
         common = dict(model_type=a, vocab_size=vocab, bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
                       eos_token_id=m.get("tokenizer.ggml.eos_token_id"))
         if a == "gpt2":
             return dict(common, n_embd=get("embedding_length"), n_layer=get("block_count"),
-                        n_head=get("attention.head_count"), n_positions=get("context_length"),
-                        n_inner=get("feed_forward_length"),
-                        layer_norm_epsilon=get("attention.layer_norm_epsilon", 1e-5))
+                        n_head=get("attention.head_count"), n_positions=get("context_length", int, None),
+                        n_inner=get("feed_forward_length", int, None),
+                        layer_norm_epsilon=get("attention.layer_norm_epsilon", float, 1e-5))
         heads = get("attention.head_count")
         hidden = get("embedding_length")
         scaling = None
-        if get("rope.scaling.type") == "linear":
-            scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+        if get("rope.scaling.type", str, None) == "linear":
+            scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor", float)}
         if "rope_freqs.weight" in names:
             raise UnsupportedModelError(f"{self.path}: per-frequency rope factors (rope_freqs) are not supported yet")
         return dict(common, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
                     num_hidden_layers=get("block_count"), num_attention_heads=heads,
-                    num_key_value_heads=get("attention.head_count_kv", heads),
-                    head_dim=get("attention.key_length", hidden // heads),
-                    max_position_embeddings=get("context_length", 2048),
-                    rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
-                    rope_theta=get("rope.freq_base", 10000.0), rope_scaling=scaling,
+                    num_key_value_heads=get("attention.head_count_kv", int, heads),
+                    head_dim=get("attention.key_length", int, None),  # None: from_hf's hidden // heads
+                    max_position_embeddings=get("context_length", int, 2048),
+                    rms_norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-6),
+                    rope_theta=get("rope.freq_base", float, 10000.0), rope_scaling=scaling,
                     tie_word_embeddings="output.weight" not in names)
 
     def tensors(self, dtype: torch.dtype = torch.float32,

@@ -42,6 +42,10 @@ class GGUFParseError(ValueError):
     """The bytes are not a well-formed GGUF file."""
 
 
+class UnsupportedGGUFVersion(GGUFParseError):
+    """A GGUF file of a version other than 2 or 3 (the versions this parser reads)."""
+
+
 def read_gguf(path: Path) -> tuple[dict, list[TensorInfo]]:
     """Parse a GGUF file: (metadata dict, tensors whose data are read-only views of the mapped file)."""
     with open(path, "rb") as f:
@@ -93,8 +97,9 @@ class _Parser:
             raise GGUFParseError("it does not start with b'GGUF'")
         self.pos = 4
         version = self.take("I")
-        if version < 2:
-            raise GGUFParseError(f"GGUF version {version} is too old (2 and 3 are supported)")
+        if version not in (2, 3):  # v1 had 32-bit counts; a later version may change the layout again
+            endian = " (a big-endian file?)" if version in (2 << 24, 3 << 24) else ""
+            raise UnsupportedGGUFVersion(f"GGUF version {version}{endian} is not supported (2 and 3 are)")
         n_tensors, n_kv = self.take("Q"), self.take("Q")
         metadata = {}
         for _ in range(n_kv):

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from ..errors import CorruptFileError, ModelNotFoundError
+from ..errors import ConfigError, CorruptFileError, ModelNotFoundError
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+REQUIRED = object()  # config_value's default for keys a model cannot do without
+# What each kind accepts (floats take ints: configs write 10000 for 10000.0) and how its error names it.
+_KINDS = {int: ((int,), "an integer"), float: ((int, float), "a number"), bool: ((bool,), "true or false"),
+          str: ((str,), "a string"), dict: ((dict,), "an object")}
 
 
 def read_json(path: Path):
@@ -22,7 +29,7 @@ def read_json(path: Path):
     except FileNotFoundError:
         raise ModelNotFoundError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: not valid JSON: {e}") from None
+        raise CorruptFileError(f"{path}: not valid JSON: {e}", path) from None
 
 
 def read_config(folder: Path) -> dict:
@@ -30,7 +37,23 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelNotFoundError(f"{folder}: no config.json, so this is not a Hugging Face model folder")
-    return read_json(path)
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{path}: expected a JSON object, found {type(config).__name__}", path)
+    return config
+
+
+def config_value(d: dict, key: str, kind: type, default=REQUIRED, *, path: object = None):
+    """d[key] checked to be a `kind` (int, float, bool, str or dict); `default` when missing or null."""
+    value = d.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise ConfigError(path, key, "is missing")
+        return default
+    accepted, name = _KINDS[kind]
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):  # JSON true is no int
+        raise ConfigError(path, key, f"must be {name}, got {value!r:.60}")
+    return float(value) if kind is float else value
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -67,18 +90,30 @@ def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             for name in f.keys():
                 yield name, f.get_tensor(name)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CorruptFileError(f"{path}: not a valid safetensors file ({e})") from None
+        raise CorruptFileError(f"{path}: not a valid safetensors file ({e})", path) from None
 
 
 def _read_torch_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    # mmap needs the zip format (torch >= 1.6); a legacy pickle is read whole. weights_only either way: never
+    # unpickle arbitrary objects from a checkpoint.
     try:
-        # weights_only: never unpickle arbitrary objects from a checkpoint.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many types for bad pickles and zips
-        raise CorruptFileError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+        raise CorruptFileError(f"{path}: not a readable PyTorch weights file ({_torch_reason(e)})", path) from None
     if not isinstance(state, dict):
-        raise CorruptFileError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+        raise CorruptFileError(f"{path}: expected a dict of tensors, found {type(state).__name__}", path)
     yield from state.items()
+
+
+def _torch_reason(e: Exception) -> str:
+    # torch's weights_only refusal is a page of advice (worded differently by case and version), down to turning
+    # the check off: keep only the name of the object it refused, when it gives one.
+    text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError) and "weights_only" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return "it holds Python objects other than tensors, which lmgen does not unpickle" + (
+            f": {found[1]}" if found else "")
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def hub_snapshot(repo_id: str) -> Path:
