@@ -71,13 +71,11 @@ class Sequence:
             ids = torch.tensor([self.prompt + self.tokens], device=logits.device)
             scores = sampling.apply_processors(self.processors, ids, logits[None])[0]
         c = self.config
-        sampling.check_scores(logits, scores, c)
-        if not c.sampling:
-            token = int(sampling.greedy(scores))
-        elif c.weighted:
-            token = sampling.sample(scores, self.generator)
-        else:
-            token = sampling.sample_uniform(scores, self.generator)
+        token = None if c.sampling else int(sampling.greedy(scores))
+        sampling.check_scores(logits, scores, c, token)  # before a draw: it cannot draw from NaN
+        if token is None:
+            sample = sampling.sample if c.weighted else sampling.sample_uniform
+            token = sample(scores, self.generator)
         if self.logprobs is not None:
             self.logprobs.append(token_logprob(scores if c.logprobs_mode == "processed" else logits, token, c.logprobs))
         self.tokens.append(token)

@@ -274,9 +274,12 @@ SCORE_PARAMETERS = ("logit_bias", "repetition_penalty", "frequency_penalty", "pr
 WARPER_PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
 
-def check_scores(logits: torch.Tensor, scores: torch.Tensor, config: GenerationConfig) -> None:
+def check_scores(logits: torch.Tensor, scores: torch.Tensor, config: GenerationConfig,
+                 greedy_token: int | None = None) -> None:
     """Raise InvalidScoresError unless a token can be chosen from scores [V] (the processed logits [V])."""
-    top = float(scores.max())  # NaN when any score is NaN
+    # Greedy's argmax picks a NaN or +inf when there is one, so its token's score tells; a row to sample from
+    # needs its max.
+    top = float(scores.amax() if greedy_token is None else scores[greedy_token])  # NaN when any score is NaN
     if math.isfinite(top):
         return
     problem = "hold NaN or +inf" if top != float("-inf") else "mask every token"

@@ -69,8 +69,19 @@ def test_nan_logits_and_fully_masked_scores_fail_too():
     assert seq.tokens == []
     masked = torch.full((8,), float("-inf"))
     with pytest.raises(InvalidScoresError, match="mask every token after no_repeat_ngram_size=2"):
-        check_scores(torch.zeros(8), masked, GenerationConfig(no_repeat_ngram_size=2))
-    check_scores(torch.zeros(8), torch.zeros(8), GenerationConfig())  # finite: fine
+        check_scores(torch.zeros(8), masked, GenerationConfig(no_repeat_ngram_size=2), 0)
+    check_scores(torch.zeros(8), torch.zeros(8), GenerationConfig(), 0)  # finite: fine
+    # bad_words_ids bans all but EOS (id 7), min_new_tokens bans EOS: a uniform draw has nothing to draw from.
+    uniform = _sequence(GenerationConfig(do_sample=True, weighted=False, bad_words_ids=[[i] for i in range(7)],
+                                         min_new_tokens=2))
+    with pytest.raises(InvalidScoresError, match="mask every token after bad_words_ids=.*min_new_tokens=2"):
+        uniform.advance(torch.zeros(8), 100)
+    assert uniform.tokens == []
+    # Sampling checks the whole row: a sampled token can be finite while another score is NaN.
+    sampled = GenerationConfig(do_sample=True, top_k=4)
+    row = torch.tensor([0.0, float("nan"), 1.0, 0, 0, 0, 0, 0])
+    with pytest.raises(InvalidScoresError, match=r"hold NaN or \+inf after top_k=4"):
+        check_scores(torch.zeros(8), row, sampled)
 
 
 def test_bounds_feed_the_schema_and_the_cli():
