@@ -36,6 +36,7 @@ from .protocol import (
     ErrorResponse,
     ModelList,
     SamplingRequest,
+    template_messages,
 )
 from .tokenizer_api import router as tokenizer_router
 
@@ -334,15 +335,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
         """Answer through the model's chat template; `stream: true` sends chat.completion.chunk events."""
         state.check_model(body.model)
         body.check()
-        messages = []
-        for i, m in enumerate(body.messages):
-            content = m.content
-            if isinstance(content, list):
-                if any(part.type != "text" or part.text is None for part in content):
-                    raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content")
-                content = "".join(part.text for part in content)
-            role = "system" if m.role == "developer" else m.role  # chat templates predate "developer"
-            messages.append({"role": role, "content": content or "", **({"name": m.name} if m.name else {})})
+        messages = template_messages(body.messages)
         try:
             ids = await asyncio.to_thread(_chat_ids, state.lm, messages)
         except (LmgenError, ValueError) as e:

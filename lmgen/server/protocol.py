@@ -167,6 +167,21 @@ class ChatMessage(BaseModel):
     name: str | None = Field(None, description="An optional name for the participant.")
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as a chat template takes them: content parts joined, "developer" as "system"."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise ParameterError(f"messages[{i}].content", "text parts only", None,
+                                     message="only text content parts are supported")
+            content = "".join(part.text for part in content)
+        role = "system" if m.role == "developer" else m.role  # chat templates predate "developer"
+        out.append({"role": role, "content": content or "", **({"name": m.name} if m.name else {})})
+    return out
+
+
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions: answer a conversation through the model's chat template."""
 

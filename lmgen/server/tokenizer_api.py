@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import LmgenError
 from .errors import APIError
-from .protocol import ChatMessage, ErrorResponse
+from .protocol import ChatMessage, ErrorResponse, Int, template_messages
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413)}
 
@@ -25,11 +25,13 @@ router = APIRouter(tags=["tokenizer"])
 class TokenizeRequest(BaseModel):
     """Text, or a conversation rendered by the model's chat template (exactly one of them), to tokenize."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Exactly one of prompt and messages, as the schema says (neither may be null: leave it out instead).
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
     model: str | None = Field(None, description="The served model's id (see GET /v1/models); may be left out.")
-    prompt: str | None = Field(None, description="The text to tokenize.", examples=["The quick brown fox"])
-    messages: list[ChatMessage] | None = Field(
+    prompt: str = Field(None, description="The text to tokenize.", examples=["The quick brown fox"])
+    messages: list[ChatMessage] = Field(
         None, description="A conversation to render with the model's chat template and tokenize, instead of "
                           "`prompt`.")
     add_special_tokens: bool | None = Field(
@@ -55,7 +57,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = Field(None, description="The served model's id (see GET /v1/models); may be left out.")
-    tokens: list[int] = Field(description="Token ids, each in [0, vocabulary size).", examples=[[504, 2365, 6354]])
+    tokens: list[Int] = Field(description="Token ids, each in [0, vocabulary size).", examples=[[504, 2365, 6354]])
 
 
 class DetokenizeResponse(BaseModel):
@@ -88,15 +90,7 @@ def _check_one(body: TokenizeRequest) -> None:
 
 def _chat_text(tokenizer, body: TokenizeRequest) -> str:
     """The conversation rendered by the chat template, as /v1/chat/completions renders it."""
-    messages = []
-    for i, m in enumerate(body.messages):
-        content = m.content
-        if isinstance(content, list):
-            if any(part.type != "text" or part.text is None for part in content):
-                raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content")
-            content = "".join(part.text for part in content)
-        role = "system" if m.role == "developer" else m.role  # chat templates predate "developer"
-        messages.append({"role": role, "content": content or "", **({"name": m.name} if m.name else {})})
+    messages = template_messages(body.messages)
     if not tokenizer.chat_template:
         raise APIError(400, "this model has no chat template: tokenize a prompt instead", param="messages")
     try:
