@@ -216,7 +216,7 @@ def _flag(x) -> bool:
 _CHECKS = {
     "do_sample": (_flag, "True or False"),
     "logit_bias": (lambda x: x is None or _bias(x),
-                   f"None or a dict of integer token ids to {BOUNDS['logit_bias'].text().replace('a number', 'numbers')}"),
+                   f"None or a dict of integer token ids to biases, each {BOUNDS['logit_bias'].text()}"),
     "bad_words_ids": (lambda x: x is None or _token_lists(x), "None or a list of non-empty lists of token ids"),
     "eos_token_id": (lambda x: x is None or isinstance(x, list) and all(_int(t) and t >= 0 for t in x),
                      "None, a token id or a list of token ids"),

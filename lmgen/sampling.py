@@ -7,9 +7,8 @@ same name; `build_processors` chains them in transformers' order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 
 import torch

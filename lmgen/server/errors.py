@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse
 
 from ..params import ParameterError
 from .protocol import API_NAMES
+
 UNION_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "must be a string or a list of strings",

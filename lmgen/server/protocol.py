@@ -101,9 +101,10 @@ class SamplingRequest(BaseModel):
                              eos_token_id: list[int] | None = None) -> GenerationConfig:
         """The GenerationConfig this request asks for; ParameterError (lmgen's or the API's field name) otherwise."""
         self.check()
+        temperature = 1.0 if self.temperature is None else self.temperature  # OpenAI's default
         return GenerationConfig(
-            max_new_tokens=max_tokens, do_sample=True, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, typical_p=self.typical_p,
+            max_new_tokens=max_tokens, do_sample=True, temperature=temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, typical_p=self.typical_p,
             epsilon_cutoff=self.epsilon_cutoff, eta_cutoff=self.eta_cutoff, repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size or None, min_new_tokens=self.min_tokens,
