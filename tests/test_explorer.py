@@ -166,7 +166,7 @@ def test_next_token_endpoint_gives_the_models_distribution(server, tiny_gpt2):
     ({"prompt": "hi", "token_ids": [1]}, "prompt"),
     ({"token_ids": []}, "token_ids"),
     ({"token_ids": [1, 50257]}, "token_ids"),
-    ({"token_ids": [-1]}, "token_ids"),
+    ({"token_ids": [-1]}, "token_ids[0]"),
     ({"token_ids": [1, "2"]}, "token_ids[1]"),
     ({"token_ids": "1 2"}, "token_ids"),
     ({"prompt": "hi", "top_n": 0}, "top_n"),

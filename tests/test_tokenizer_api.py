@@ -81,7 +81,7 @@ def test_tokenize_messages_as_chat_completions_do(tiny):
 
 BAD = [
     ("/detokenize", {"tokens": [5, 50257]}, 400, "tokens", "[0, 50257)"),
-    ("/detokenize", {"tokens": [-1]}, 400, "tokens", "-1"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]", "-1"),
     ("/detokenize", {"tokens": [1.5]}, 400, "tokens[0]", "integer"),
     ("/detokenize", {"tokens": "12"}, 400, "tokens", "list"),
     ("/detokenize", {}, 400, "tokens", "Missing"),

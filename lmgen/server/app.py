@@ -283,7 +283,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
         """The one model this server serves."""
         return {"object": "list", "data": [_card(state)]}
 
-    @app.get("/v1/models/{model}", responses=ERRORS, summary="One model by id")
+    @app.get("/v1/models/{model:path}", responses=ERRORS, summary="One model by id (ids may hold slashes)")
     async def model(model: str):
         """The served model, or 404."""
         state.check_model(model)
@@ -367,9 +367,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
         # Invalid bodies get 400 in OpenAI's shape, never FastAPI's 422: keep the schema honest.
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
+            error = {"description": "Refused by the gate", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
-                    operation.get("responses", {}).pop("422", None)
+                    responses = operation.setdefault("responses", {})
+                    responses.pop("422", None)
+                    responses.setdefault("403", error)  # Gate: a Host the server does not answer
+                    if "requestBody" in operation:
+                        responses.setdefault("415", error)  # Gate: a body that is not application/json
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
         return app.openapi_schema

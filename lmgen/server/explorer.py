@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .errors import APIError
 from .output import clean
-from .protocol import ErrorResponse, Int, whole_number
+from .protocol import ErrorResponse, TokenIds, whole_number
 
 MAX_TOP_N = 100
 STATIC_DIR = Path(__file__).parent / "static"
@@ -47,9 +47,9 @@ class NextTokenRequest(BaseModel):
         "oneOf": [{"required": ["prompt"]}, {"required": ["token_ids"]}]})
 
     model: str | None = Field(None, description="The served model's id (see GET /v1/models); may be left out.")
-    prompt: str = Field(None, description="The prompt as text, tokenized as /v1/completions tokenizes it; "
-                        "not with token_ids.", examples=["The quick brown fox jumped over"])
-    token_ids: list[Int] = Field(
+    prompt: str = Field(None, min_length=1, examples=["The quick brown fox jumped over"],
+                        description="The prompt as text, tokenized as /v1/completions does; not with token_ids.")
+    token_ids: TokenIds = Field(
         None, description="The prompt as token ids, each in [0, vocabulary size): instead of `prompt`.",
         examples=[[464, 2068, 7586, 21831, 11687, 625]])
     top_n: Annotated[int, Field(ge=1, le=MAX_TOP_N), BeforeValidator(whole_number)] = Field(

@@ -21,6 +21,8 @@ def whole_number(x):
 
 Int = Annotated[int, BeforeValidator(whole_number)]
 Count = Annotated[int, Field(ge=1), BeforeValidator(whole_number)]  # the range inside: see bounded()
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(whole_number)]  # and below the vocabulary size, checked later
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Stop = str | list[str] | None
 
 
@@ -88,7 +90,7 @@ class SamplingRequest(BaseModel):
     min_tokens: bounded("min_new_tokens") = Field(0, description=about(
         "min_new_tokens", "Generate at least this many tokens before EOS or a stop string."))
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-    stop_token_ids: list[Int] | None = Field(None, description="Token ids that end generation, besides EOS.")
+    stop_token_ids: list[TokenId] | None = Field(None, description="Token ids that end generation, besides EOS.")
     include_stop_str_in_output: bool = Field(False, description="Keep the matched stop string in the text.")
 
     def check(self) -> None:
@@ -129,7 +131,8 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: continue one prompt or several."""
 
-    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(
+        min_length=1)] = Field(
         description="The text to continue: a string, a list of strings, a list of token ids or a list of them.")
     max_tokens: bounded("max_new_tokens") | None = Field(16, description=about(
         "max_new_tokens", "Most tokens to generate for each choice (default 16; 0 with echo scores the prompt)."))

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import LmgenError
 from .errors import APIError
-from .protocol import ChatMessage, ErrorResponse, Int, template_messages
+from .protocol import ChatMessage, ErrorResponse, TokenId, template_messages
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413)}
 
@@ -57,7 +57,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = Field(None, description="The served model's id (see GET /v1/models); may be left out.")
-    tokens: list[Int] = Field(description="Token ids, each in [0, vocabulary size).", examples=[[504, 2365, 6354]])
+    tokens: list[TokenId] = Field(description="Token ids, each in [0, vocabulary size).", examples=[[504, 2365, 6354]])
 
 
 class DetokenizeResponse(BaseModel):
