@@ -267,3 +267,11 @@ def test_echo_with_logprobs_scores_the_prompt(server, tiny_llama_dir):
                                                 "logprobs": 0, "stream": True})
     events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert events[0]["choices"][0]["text"] == SEED_PROMPT and events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_model_id_with_slashes_is_found(server):
+    model_id = httpx.get(server.url + "/v1/models", headers=server.headers).json()["data"][0]["id"]
+    assert model_id.startswith("/")  # a folder path
+    r = httpx.get(f"{server.url}/v1/models/{model_id}", headers=server.headers)
+    assert r.status_code == 200 and r.json()["id"] == model_id
+    assert httpx.get(f"{server.url}/v1/models{model_id}", headers=server.headers).status_code == 404
