@@ -297,9 +297,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
         state.check_model(body.model)
         body.check()
         prompt = body.prompt
-        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
-        if not prompts:
-            raise APIError(400, "prompt must not be empty", param="prompt")
+        prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt  # lists: not empty
         if len(prompts) > MAX_PROMPTS:
             raise APIError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
         try:

@@ -8,7 +8,8 @@ from ..params import ParameterError
 from .protocol import API_NAMES
 
 UNION_HINTS = {
-    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "prompt": "must be a string, or a non-empty list of strings, of token ids (integers >= 0) or of non-empty lists "
+              "of token ids",
     "stop": "must be a string or a list of strings",
     "content": "must be a string or a list of content parts",
 }

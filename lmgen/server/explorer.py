@@ -77,12 +77,8 @@ def _check(body: NextTokenRequest, lm) -> None:
     if (body.prompt is None) == (body.token_ids is None):
         which = "not both" if body.prompt is not None else "one of them is required"
         raise APIError(400, f"Give either prompt (text) or token_ids, {which}.", param="prompt")
-    if body.prompt == "":
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    if body.token_ids is not None:
-        if not body.token_ids:
-            raise APIError(400, "token_ids must not be empty", param="token_ids")
-        bad = [i for i in body.token_ids if not 0 <= i < lm.vocab_size]
+    if body.token_ids is not None:  # the schema has them non-empty and >= 0
+        bad = [i for i in body.token_ids if i >= lm.vocab_size]
         if bad:
             raise APIError(400, f"token_ids must be token ids in [0, {lm.vocab_size}), got {bad[:5]}",
                            param="token_ids")
