@@ -47,6 +47,12 @@ def test_repetition_penalty_bounds(value):
     GenerationConfig(repetition_penalty=0.01)  # the bound itself is allowed
 
 
+def test_a_lone_surrogate_in_a_python_prompt_is_a_value_error(tiny_gpt2):
+    with pytest.raises(ValueError, match=r"prompt holds a lone UTF-16 surrogate \('\\ud800'\) at character 1"):
+        tiny_gpt2.generate("a\ud800b", max_new_tokens=2)
+    assert tiny_gpt2.generate("fox \U0001f98a", max_new_tokens=2)[0].token_ids  # a real astral character is fine
+
+
 def _sequence(config: GenerationConfig, vocab: int = 8) -> Sequence:
     return Sequence([1, 2, 3], config, torch.Generator().manual_seed(0), eos_ids=[vocab - 1])
 
