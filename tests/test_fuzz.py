@@ -26,6 +26,9 @@ from .test_server import Server
 # positive_data_acceptance is left out on purpose: the server rightly answers 400 to schema-valid requests
 # that its flags or model rule out (n above --max-n, prompt + max_tokens past --max-model-len, token ids past
 # the vocabulary, best_of != n, a suffix), limits a static schema cannot state.
+# A wider sweep by hand, against a running server (all checks, invalid boundary values too):
+#   schemathesis run URL/openapi.json --checks all --max-examples 100 --phases examples,coverage,fuzzing -w 1 \
+#     --continue-on-failure --output-sanitize false
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]
 CONFIG = schemathesis.Config.from_dict({
