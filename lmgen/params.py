@@ -152,10 +152,9 @@ class GenerationConfig:
         if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):
             object.__setattr__(self, "eos_token_id", [self.eos_token_id])
         for f in fields(self):
-            value = getattr(self, f.name)
-            ok, requirement = _CHECKS.get(f.name) or (BOUNDS[f.name].ok, BOUNDS[f.name].text())
-            if not ok(value):
-                raise ParameterError(f.name, requirement, value)
+            value, check, bound = getattr(self, f.name), _CHECKS.get(f.name), BOUNDS.get(f.name)
+            if not (check[0](value) if check else bound.ok(value)):
+                raise ParameterError(f.name, check[1] if check else bound.text(), value)  # worded only when wrong
         if self.num_beams > 1:
             if self.num_return_sequences > self.num_beams:
                 raise ParameterError("num_return_sequences", f"<= num_beams ({self.num_beams}) in beam search",
