@@ -93,13 +93,14 @@ class ServerState:
                            param="max_tokens")
         eos = None
         if body.stop_token_ids:
-            self._check_ids(body.stop_token_ids, "stop_token_ids")
+            self.check_token_ids(body.stop_token_ids, "stop_token_ids")
             eos = list(self.lm.eos_token_ids) + body.stop_token_ids
         config = body.to_generation_config(max_tokens, logprobs, eos)
-        self._check_ids(list(config.logit_bias or ()), "logit_bias")
+        self.check_token_ids(list(config.logit_bias or ()), "logit_bias")
         return config
 
-    def _check_ids(self, ids: list[int], param: str) -> None:
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """400 naming `param` unless every id is in the served model's vocabulary."""
         bad = [i for i in ids if not 0 <= i < self.lm.vocab_size]
         if bad:
             raise APIError(400, f"{param} must be token ids in [0, {self.lm.vocab_size}), got {bad[:5]}", param=param)

@@ -73,15 +73,12 @@ class NextTokenResponse(BaseModel):
     tokens: list[NextToken] = Field(description="The most likely next tokens, most likely first.")
 
 
-def _check(body: NextTokenRequest, lm) -> None:
+def _check(body: NextTokenRequest, state) -> None:
     if (body.prompt is None) == (body.token_ids is None):
         which = "not both" if body.prompt is not None else "one of them is required"
         raise APIError(400, f"Give either prompt (text) or token_ids, {which}.", param="prompt")
-    if body.token_ids is not None:  # the schema has them non-empty and >= 0
-        bad = [i for i in body.token_ids if i >= lm.vocab_size]
-        if bad:
-            raise APIError(400, f"token_ids must be token ids in [0, {lm.vocab_size}), got {bad[:5]}",
-                           param="token_ids")
+    if body.token_ids is not None:
+        state.check_token_ids(body.token_ids, "token_ids")
 
 
 def _distribution(lm, body: NextTokenRequest, limit: int) -> tuple[list[int], list[NextToken]]:
@@ -117,7 +114,7 @@ async def next_token(body: NextTokenRequest, request: Request) -> NextTokenRespo
     state.check_model(body.model)
     if state.shutting_down:
         raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
-    _check(body, state.lm)
+    _check(body, state)
     limit = min(state.lm.context_length, state.engine.max_model_len)
     async with forward_gate(request):
         # The forward pass runs in a worker thread: the event loop goes on serving other requests.

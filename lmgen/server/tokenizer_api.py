@@ -124,10 +124,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     """The text that token ids decode to, special tokens included."""
     state = request.app.state.lmgen
     state.check_model(body.model)
-    vocab = state.lm.vocab_size
-    bad = [i for i in body.tokens if not 0 <= i < vocab]
-    if bad:
-        raise APIError(400, f"tokens must be token ids in [0, {vocab}), got {bad[:5]}", param="tokens")
+    state.check_token_ids(body.tokens, "tokens")
     text = await asyncio.to_thread(state.lm.tokenizer.decode, body.tokens)
     return DetokenizeResponse(prompt=text)
 
