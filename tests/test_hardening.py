@@ -264,6 +264,11 @@ def test_echo_with_logprobs_scores_the_prompt(server, tiny_llama_dir):
     assert lp["token_logprobs"][1:] == pytest.approx([e.logprob for e in expected[1:]], abs=1e-4)
     assert lp["text_offset"] == [len(lm.tokenizer.decode(lm.encode(SEED_PROMPT)[:i])) for i in range(len(expected))]
     assert all(len(top) in (2, 3) for top in lp["top_logprobs"][1:])
+    # A character split over tokens: offsets never point inside it, and the token after it starts after it.
+    fox = post(server, "/v1/completions", {"prompt": "fox 🦊 ok", "max_tokens": 0, "echo": True, "logprobs": 0})
+    fox = fox.json()["choices"][0]["logprobs"]
+    assert fox["text_offset"] == sorted(fox["text_offset"]) and fox["text_offset"][-1] == len("fox 🦊")
+    assert fox["tokens"][-1] == " ok"
     # max_tokens 1: the prompt's entries, then the generated token's.
     one = post(server, "/v1/completions", {"prompt": SEED_PROMPT, "max_tokens": 1, "echo": True, "logprobs": 1,
                                            "temperature": 0}).json()["choices"][0]

@@ -86,7 +86,11 @@ def echo_logprobs(lm, ids: list[int], top_n: int) -> list[tuple[TokenLogprob, in
     """The prompt's logprob entries with their offsets in its decoded text; the first token's logprob is None."""
     scored = lm.prompt_logprobs(ids, top_n)
     first = TokenLogprob(ids[0], None)
-    offsets = [len(lm.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    # The streaming detokenizer, as generated tokens get theirs: linear, where decoding each prefix is quadratic.
+    text, offsets, done = lm.tokenizer.detokenizer(), [], 0
+    for token in ids:
+        offsets.append(done)
+        done += len(text.add(token))
     return list(zip([first] + scored[1:], offsets))
 
 
