@@ -286,3 +286,17 @@ def test_a_model_id_with_slashes_is_found(server):
     r = httpx.get(f"{server.url}/v1/models/{model_id}", headers=server.headers)
     assert r.status_code == 200 and r.json()["id"] == model_id
     assert httpx.get(f"{server.url}/v1/models{model_id}", headers=server.headers).status_code == 404
+
+
+def test_unusable_scores_become_a_400_naming_the_api_field():
+    from types import SimpleNamespace
+
+    from lmgen.server.app import ServerState
+
+    state = SimpleNamespace(shutting_down=False)
+    error = ServerState.failure(state, InvalidScoresError({"min_new_tokens": 3, "temperature": 1e-5}, "hold NaN"))
+    assert (error.status, error.param, error.code) == (400, "min_tokens", "invalid_scores")
+    assert error.message == ("Generation failed: the next-token scores hold NaN after min_new_tokens=3, "
+                             "temperature=1e-05: no token can be chosen; choose other values.")
+    model_fault = ServerState.failure(state, InvalidScoresError({}, "hold NaN or +inf"))
+    assert model_fault.status == 500 and "in the model's own logits" in model_fault.message
