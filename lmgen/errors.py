@@ -2,7 +2,11 @@
 
 
 class LmgenError(Exception):
-    """Base class for every error lmgen raises on purpose."""
+    """Base class for every error lmgen raises on purpose; `path` is the file it is about, when there is one."""
+
+    def __init__(self, message: str = "", path: object = None):
+        super().__init__(message)
+        self.path = path
 
 
 class ModelNotFoundError(LmgenError, FileNotFoundError):
@@ -14,11 +18,7 @@ class UnsupportedModelError(LmgenError):
 
 
 class CorruptFileError(LmgenError):
-    """A weights, config or tokenizer file that is truncated, malformed or inconsistent; `path` is the file."""
-
-    def __init__(self, message: str, path: object = None):
-        super().__init__(message)
-        self.path = path
+    """A weights, config or tokenizer file that is truncated, malformed or inconsistent."""
 
 
 class ConfigError(CorruptFileError):

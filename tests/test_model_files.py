@@ -156,6 +156,7 @@ def test_other_gguf_versions_are_refused(tmp_path, version):
     with pytest.raises(UnsupportedModelError) as e:
         lmgen.load(path)
     assert str(e.value) == f"{path}: GGUF version {version} is not supported (2 and 3 are)"
+    assert e.value.path == path
 
 
 def test_a_big_endian_gguf_is_called_one(tmp_path):

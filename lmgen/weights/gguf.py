@@ -64,7 +64,7 @@ class GGUFFile:
         try:
             self.metadata, self.tensor_infos = read_gguf(self.path)
         except UnsupportedGGUFVersion as e:
-            raise UnsupportedModelError(f"{self.path}: {e}") from None
+            raise UnsupportedModelError(f"{self.path}: {e}", self.path) from None
         except (GGUFParseError, OSError, ValueError) as e:
             raise CorruptFileError(f"{self.path}: truncated or corrupt GGUF file ({e})", self.path) from None
         self.arch = self.metadata.get("general.architecture")
