@@ -1,68 +1,105 @@
-"""A fixed-capacity KV cache of slots, one sequence per slot, written by position."""
+"""A KV cache of slots, one sequence per slot, written by position; the attention metadata of a step; prefix reuse."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import kernels
 
+BLOCK = 16  # tokens per prefix-cache block: a prompt reuses cached keys a whole block at a time
+MIN_LENGTH = 256  # positions a cache starts with; it doubles as sequences grow
+
+
+@dataclass
+class Span:
+    """A run of one sequence's tokens in a step: rows [start, start + count) at positions first.. of `slot`."""
+
+    start: int
+    count: int
+    slot: int | None
+    first: int
+
 
 @dataclass
 class Step:
-    """What one forward pass needs to know about where its tokens sit.
+    """What one forward over flat tokens [1, N] needs to know about where they sit: the one attention metadata.
 
-    positions: [B, T] position of each token; slots: [B] cache row of each batch row
-    (None without a cache); mask: [B, 1, T, S] True where a query may attend a key. With `kernel`, lone new
-    tokens go through lmgen's decode kernel, which writes their keys and values and reads only the positions
-    in use itself: there is no mask or write index to build.
+    positions [1, N] is each token's position; spans say which sequence each run of tokens belongs to. Lone tokens
+    (decoding) attend together: through lmgen's kernel when `kernel`, which writes their keys and values itself and
+    reads only the positions in use; else a gather behind a mask. Longer spans (prompt chunks) attend causally
+    over their slot. Without a cache (slot None) a span attends to itself alone.
     """
 
     positions: torch.Tensor
-    slots: torch.Tensor | None
-    mask: torch.Tensor | None
-    kv_len: int
-    slot_start: int | None  # first slot when the slots are a contiguous range, so reads are views
+    spans: list[Span]
+    lone: torch.Tensor | None = None  # rows of the lone tokens
+    lone_slots: torch.Tensor | None = None
+    lone_positions: torch.Tensor | None = None
+    lone_mask: torch.Tensor | None = None  # [B, 1, 1, S] without the kernel
     write_index: torch.Tensor | None = None  # rows of the flattened cache layer that this step writes
+    kv_len: int = 0
     kernel: bool = False
 
+    @property
+    def all_lone(self) -> bool:
+        """Whether every token is a sequence's lone new token (a pure decoding step)."""
+        return self.lone is not None and len(self.spans) == self.lone.numel()
 
-def make_step(positions: torch.Tensor, cache: "KVCache | None", slots: list[int] | None) -> Step:
-    """The Step for a forward over `positions` [B, T]: through the cache's `slots`, or causal alone."""
-    if cache is not None:
-        if slots is None:
-            raise ValueError("a forward through a KV cache needs the slots of its rows")
-        return cache.step(slots, positions)
-    mask = positions[:, None, :, None] >= positions[:, None, None, :]
-    return Step(positions, None, mask, positions.shape[1], None)
+
+def causal_step(n: int, device) -> Step:
+    """The Step for a forward over n tokens of one sequence without a cache."""
+    return Step(torch.arange(n, device=device)[None], [Span(0, n, None, 0)])
 
 
 class KVCache:
     """Keys and values for up to `n_slots` sequences of up to `max_len` tokens each.
 
-    The cache lives outside the model. Each slot holds one sequence; a token at
-    position p writes its keys at index p, so sequences of different lengths
-    decode in one batch, and a freed slot is simply overwritten by its next user.
+    The cache lives outside the model. Each slot holds one sequence; a token at position p writes its keys at index
+    p, so sequences of different lengths decode in one batch. Its length grows (doubling, from MIN_LENGTH) to the
+    longest sequence in use, so memory follows the tokens, not slots times the maximum length.
     """
 
     def __init__(self, n_layers: int, n_slots: int, max_len: int, n_kv_heads: int,
-                 head_dim: int, *, dtype: torch.dtype = torch.float32, device="cpu"):
-        shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+                 head_dim: int, *, dtype: torch.dtype = torch.float32, device="cpu", length: int | None = None):
         self.n_slots, self.max_len = n_slots, max_len
+        self._shape = (n_layers, n_slots, n_kv_heads, head_dim)
+        self.k = self.v = torch.empty(0)
+        self.length = 0
+        self._dtype, self._device = dtype, torch.device(device)
+        self.ensure(length or min(max_len, MIN_LENGTH))
         # lone new tokens can go through lmgen's decode kernel (Step.kernel)
         self.decode_kernel = self.k.device.type == "cpu" and dtype == torch.float32 and kernels.native()
-        self._free = list(range(n_slots - 1, -1, -1))
+        self._free = list(range(n_slots))  # least recently used first
+        self.prefix = PrefixIndex(n_slots)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype=None) -> "KVCache":
+    def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype=None, **kw) -> "KVCache":
         """A cache shaped for `model` (which exposes `cache_shape()`), on its device."""
         n_layers, n_kv_heads, head_dim = model.cache_shape()
         p = next(model.parameters())
-        return cls(n_layers, n_slots, max_len, n_kv_heads, head_dim,
-                   dtype=dtype or p.dtype, device=p.device)
+        return cls(n_layers, n_slots, max_len, n_kv_heads, head_dim, dtype=dtype or p.dtype, device=p.device, **kw)
+
+    def ensure(self, length: int) -> None:
+        """Grow every slot to hold at least `length` positions (a power of two, at most max_len)."""
+        if length <= self.length:
+            return
+        if length > self.max_len:
+            raise ValueError(f"position {length - 1} is beyond the cache length {self.max_len}")
+        new = min(self.max_len, max(MIN_LENGTH, 1 << (length - 1).bit_length()))
+        n_layers, n_slots, heads, dim = self._shape
+        k = torch.zeros((n_layers, n_slots, heads, new, dim), dtype=self._dtype, device=self._device)
+        v = torch.zeros_like(k)
+        if self.length:
+            k[:, :, :, :self.length] = self.k
+            v[:, :, :, :self.length] = self.v
+        self.k, self.v, self.length = k, v, new
+
+    def nbytes(self) -> int:
+        """Bytes the keys and values take now."""
+        return self.k.numel() * self.k.element_size() * 2
 
     @property
     def free_slots(self) -> int:
@@ -70,17 +107,37 @@ class KVCache:
         return len(self._free)
 
     def allocate(self) -> int:
-        """Take a free slot; raises RuntimeError when all are in use."""
+        """Take the least recently used free slot; RuntimeError when all are in use."""
+        return self.allocate_prefix(())[0]
+
+    def allocate_prefix(self, prompt: Sequence[int]) -> tuple[int, int]:
+        """Take a free slot for a sequence starting with `prompt`; return it and how many of the prompt's
+        positions it already holds (reused from a cached prefix). RuntimeError when all slots are in use.
+
+        A free slot whose cached tokens start the prompt is taken as it is; else the least recently used one,
+        into which a prefix held by a busy slot is copied.
+        """
         if not self._free:
             raise RuntimeError(f"all {self.n_slots} KV cache slots are in use")
-        slot = min(self._free)  # lowest first: a batch then takes a contiguous run, read as a view, not a gather
+        sources, hit = self.prefix.lookup(prompt)
+        idle = [s for s in self._free if s in sources]
+        slot = idle[0] if idle else self._free[0]
+        source = slot if idle else min(sources, default=None)
         self._free.remove(slot)
-        return slot
+        if slot != source:
+            self.prefix.forget(slot)
+            if hit:
+                self.copy_prefix(source, slot, hit)
+                self.prefix.record(slot, prompt[:hit])
+        self.prefix.truncate(slot, hit)
+        return slot, hit
 
-    def release(self, slot: int) -> None:
-        """Give a slot back so another sequence can use it."""
+    def release(self, slot: int, keep: bool = True) -> None:
+        """Give a slot back; with `keep` its cached tokens stay reusable until the slot is taken again."""
         if slot in self._free or not 0 <= slot < self.n_slots:
             raise ValueError(f"slot {slot} is not allocated")
+        if not keep:
+            self.prefix.forget(slot)
         self._free.append(slot)
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
@@ -95,66 +152,132 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def step(self, slots: list[int], positions: torch.Tensor) -> Step:
-        """Describe a forward over `positions` [B, T] for the sequences in `slots`, reading keys up to the
-        furthest position.
-
-        The indices are worked out on the CPU and moved once: on a GPU that is a copy or two, not a
-        dozen tiny kernels and a wait; positions given on the CPU cost no wait at all.
-        """
-        host = positions.cpu()
-        kv_len = self.check_positions(host) + 1
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+    def plan(self, spans: list[Span]) -> Step:
+        """The Step for a forward over these spans (rows in order), growing the cache to hold them."""
+        ends = [s.first + s.count for s in spans]
+        self.ensure(max(ends))
         device = self.k.device
-        if self.decode_kernel and host.shape[1] == 1:
-            return Step(positions.to(device), torch.tensor(slots, device=device), None, kv_len,
-                        slots[0] if contiguous else None, kernel=True)
-        mask = None  # one new token sees all of its slot: no mask (faster attention)
-        if host.shape != (1, 1):
-            # A key is visible when it sits at or before the query's position: everything
-            # there was written by this sequence, earlier or in this same step.
-            mask = torch.arange(kv_len)[None, None, None, :] <= host[:, None, :, None]
-        slot_t = torch.tensor(slots)
-        return Step(positions.to(device), slot_t.to(device), None if mask is None else mask.to(device), kv_len,
-                    slots[0] if contiguous else None, self._write_index(slot_t, host).to(device))
+        positions = torch.cat([torch.arange(s.first, e) for s, e in zip(spans, ends)])
+        lone = [s for s in spans if s.count == 1]
+        kernel = self.decode_kernel and bool(lone)
+        step = Step(positions.to(device)[None], spans, kv_len=max(ends), kernel=kernel)
+        if lone:
+            step.lone = torch.tensor([s.start for s in lone], device=device)
+            step.lone_slots = torch.tensor([s.slot for s in lone], device=device)
+            host_positions = torch.tensor([s.first for s in lone])
+            step.lone_positions = host_positions.to(device)
+            if not kernel:
+                lone_len = int(host_positions.max()) + 1
+                mask = torch.arange(lone_len)[None, None, None, :] <= host_positions[:, None, None, None]
+                step.lone_mask = mask.to(device)
+        if not (kernel and len(lone) == len(spans)):  # the kernel writes lone tokens' keys itself
+            slots = torch.cat([torch.full((s.count,), s.slot) for s in spans])
+            step.write_index = self._write_index(slots, positions).to(device)
+        return step
+
+    def single_step(self, slot: "int | torch.Tensor", positions: torch.Tensor) -> Step:
+        """The Step for one new token of the sequence in `slot` at positions [1, 1] (on the cache's device),
+        with fixed shapes and no read back to the host: a compiled or captured decode step builds this itself.
+
+        Without the kernel it attends over the whole cache behind a mask. The caller checks the position.
+        """
+        slot_t = slot if isinstance(slot, torch.Tensor) else torch.full((1,), slot, device=positions.device)
+        lone = torch.zeros(1, dtype=torch.long, device=positions.device)
+        step = Step(positions, [Span(0, 1, None, -1)], lone, slot_t, positions[0], kv_len=self.length,
+                    kernel=self.decode_kernel)
+        if not self.decode_kernel:
+            step.lone_mask = torch.arange(self.length, device=positions.device)[None, None, None, :] <= positions[0][
+                :, None, None, None]
+            step.write_index = self._write_index(slot_t, positions[0])
+        return step
 
     def check_positions(self, positions: torch.Tensor) -> int:
         """The furthest of `positions` (on the CPU); ValueError if it is beyond the cache."""
         last = int(positions.max())
-        if last >= self.max_len:
-            raise ValueError(f"position {last} is beyond the cache length {self.max_len}")
+        if last >= self.length:
+            raise ValueError(f"position {last} is beyond the cache length {self.length}")
         return last
 
-    def single_step(self, slot: int, positions: torch.Tensor) -> Step:
-        """The Step for one new token of the sequence in `slot` at positions [1, 1] (on the cache's device),
-        attending over the whole cache behind a mask, or through the decode kernel.
-
-        Every step has the same shapes, and nothing is read back to the host: a compiled or captured
-        decode step builds this itself. The caller checks the position (check_positions).
-        """
-        slot_t = torch.full((1,), slot, device=positions.device)
-        if self.decode_kernel:
-            return Step(positions, slot_t, None, self.max_len, slot, kernel=True)
-        mask = torch.arange(self.max_len, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
-        return Step(positions, slot_t, mask, self.max_len, slot, self._write_index(slot_t, positions))
-
     def _write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # Row (slot, head, position) of a layer viewed as [slots * heads * max_len, head_dim], in the
-        # order of k.reshape(-1, head_dim) for k [B, H, T, D]: one index_copy_ per layer writes them all.
+        # Row (slot, head, position) of a layer viewed as [slots * heads * length, head_dim], in the order of
+        # k.transpose(0, 1).reshape(-1, head_dim) for k [H, N, D] with one slot and position per token.
         heads = torch.arange(self.k.shape[2], device=positions.device)
-        return ((slots[:, None, None] * self.k.shape[2] + heads[None, :, None]) * self.max_len
-                + positions[:, None, :]).flatten()
+        return ((slots[None, :] * self.k.shape[2] + heads[:, None]) * self.length + positions[None, :]).flatten()
 
-    def update(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, H, T, D] at the step's positions; return this batch's keys and values."""
+    def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v [1, H, N, D] at the step's slots and positions."""
         d = k.shape[-1]
         # rows of the whole cache viewed as [rows, head_dim]: writing into the base tensor, not a view of it,
         # lets torch.compile update it in place instead of copying the layer
         rows = step.write_index + layer * (self.k[0].numel() // d)
         self.k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d).to(self.k.dtype))
         self.v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d).to(self.v.dtype))
-        k_layer, v_layer = self.k[layer], self.v[layer]
-        if step.slot_start is not None:
-            rows = slice(step.slot_start, step.slot_start + k.shape[0])
-            return k_layer[rows, :, :step.kv_len], v_layer[rows, :, :step.kv_len]
-        return k_layer[step.slots, :, :step.kv_len], v_layer[step.slots, :, :step.kv_len]
+
+
+class PrefixIndex:
+    """Which tokens each slot's cached positions hold, found by chained hashes of BLOCK-token blocks."""
+
+    def __init__(self, n_slots: int):
+        self.tokens: list[list[int]] = [[] for _ in range(n_slots)]  # the whole blocks each slot holds
+        self.slots_by_hash: dict[int, set[int]] = {}
+        self.queries = self.hits = self.hit_tokens = 0
+        self.enabled = True
+
+    @staticmethod
+    def hashes(tokens: Sequence[int]) -> list[int]:
+        """One hash per whole block, each covering every token up to the block's end."""
+        out, h = [], 0
+        for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
+            h = hash((h, *tokens[start:start + BLOCK]))
+            out.append(h)
+        return out
+
+    def lookup(self, prompt: Sequence[int]) -> tuple[set[int], int]:
+        """The slots holding the longest whole-block prefix of prompt, and its length (short of the last token)."""
+        if not prompt or not self.enabled:
+            return set(), 0
+        self.queries += 1
+        found: set[int] = set()
+        length = 0
+        usable = (len(prompt) - 1) // BLOCK  # the last prompt token is always computed: it gives the logits
+        for i, h in enumerate(self.hashes(prompt[:usable * BLOCK])):
+            lo, hi = i * BLOCK, (i + 1) * BLOCK
+            block = list(prompt[lo:hi])
+            now = {s for s in self.slots_by_hash.get(h, ()) if (not i or s in found) and self.tokens[s][lo:hi] == block}
+            if not now:
+                break
+            found, length = now, hi
+        self.hits += length > 0
+        self.hit_tokens += length
+        return found, length
+
+    def record(self, slot: int, tokens: Sequence[int]) -> None:
+        """Note that `slot` holds keys for `tokens` (its positions from 0); whole blocks only."""
+        have = len(self.tokens[slot])
+        if not self.enabled:
+            return
+        whole = len(tokens) // BLOCK * BLOCK
+        if whole <= have:
+            return
+        held = self.tokens[slot] = list(tokens[:whole])
+        for i, h in enumerate(self.hashes(held)):
+            if i >= have // BLOCK:
+                self.slots_by_hash.setdefault(h, set()).add(slot)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep only the first `length` cached tokens of `slot` (the rest will be overwritten)."""
+        held = self.tokens[slot]
+        if len(held) <= length:
+            return
+        self.forget(slot)
+        self.record(slot, held[:length])
+
+    def forget(self, slot: int) -> None:
+        """The slot's cached tokens are no longer valid."""
+        for h in self.hashes(self.tokens[slot]):
+            users = self.slots_by_hash.get(h)
+            if users is not None:
+                users.discard(slot)
+                if not users:
+                    del self.slots_by_hash[h]
+        self.tokens[slot] = []

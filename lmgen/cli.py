@@ -20,7 +20,10 @@ class _Parser(argparse.ArgumentParser):
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model folder, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16. Default: a GGUF of Q4_0/Q4_1 blocks runs on them through "
+                        "lmgen's int4 kernels (as llama.cpp does); anything else is float32 on the CPU. "
+                        "--dtype float32 is the dequantized reference path, token-identical to transformers")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--quantize", default=None, choices=["int4"],
                    help="int4: 4-bit weights for fast CPU decoding (a GGUF's own Q4 blocks where it has them)")
@@ -104,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on /v1 (default: $LMGEN_API_KEY, else none)")
     serve.add_argument("--max-n", type=int, default=8, help="most choices (n) per request")
+    serve.add_argument("--prefill-chunk", type=int, default=None,
+                       help="prompt tokens per step (default 64): a long prompt goes in over several steps while the "
+                            "others keep decoding")
+    serve.add_argument("--no-prefix-caching", action="store_true",
+                       help="compute every prompt whole, instead of reusing the keys of a prefix already computed")
     serve.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
                        help="Host header names answered besides the loopback's (a loopback bind answers only "
                             "localhost, 127.0.0.1 and [::1]: no DNS rebinding); '*' answers any")

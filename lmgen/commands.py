@@ -240,7 +240,7 @@ def serve(args) -> int:
     """lmgen serve: an OpenAI-compatible HTTP server until SIGINT/SIGTERM."""
     import os
 
-    for name in ("port", "max_concurrent", "max_waiting", "max_model_len", "max_n"):
+    for name in ("port", "max_concurrent", "max_waiting", "max_model_len", "max_n", "prefill_chunk"):
         value = getattr(args, name)
         low = 0 if name == "port" else 1
         if value is not None and value < low:
@@ -252,7 +252,8 @@ def serve(args) -> int:
     check_api_key(api_key)  # before the model loads
     lm = _load(args)
     run(lm, host=args.host, port=args.port, max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
-        max_model_len=args.max_model_len, api_key=api_key, max_n=args.max_n, allowed_hosts=args.allowed_hosts)
+        max_model_len=args.max_model_len, api_key=api_key, max_n=args.max_n, allowed_hosts=args.allowed_hosts,
+        prefill_chunk=args.prefill_chunk, prefix_caching=not args.no_prefix_caching)
     return 0
 
 
@@ -282,14 +283,26 @@ def models(args) -> int:
     return 0
 
 
+def count_parameters(model) -> int:
+    """Weights in a model, counted once when tied, quantized layers by their logical shape."""
+    from .models import quant
+
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    for m in model.modules():
+        if isinstance(m, quant.Int4Linear):
+            unique[m.qs.data_ptr()] = m.in_features * m.out_features
+        elif isinstance(m, quant.Int8Rows):
+            unique[m.qweight.data_ptr()] = m.qweight.numel()
+    return sum(unique.values())
+
+
 def info(args) -> int:
     """lmgen info: architecture, size, context, dtype, vocabulary and chat template of a model."""
     args.dtype = args.device = None
     args.verbose = False
     lm = _load(args, args.model)
-    unique = {p.data_ptr(): p.numel() for p in lm.model.parameters()}  # tied weights count once
     facts = {"model": lm.name, "architecture": type(lm.model).__module__.rsplit(".", 1)[-1],
-             "parameters": sum(unique.values()), "context_length": lm.context_length, "dtype": str(lm.dtype),
+             "parameters": count_parameters(lm.model), "weights": lm.weights, "context_length": lm.context_length, "dtype": str(lm.dtype),
              "device": str(lm.device), "vocab_size": lm.vocab_size, "eos_token_ids": list(lm.eos_token_ids),
              "chat_template": bool(lm.tokenizer.chat_template)}
     if args.json:

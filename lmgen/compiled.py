@@ -33,7 +33,7 @@ def _private(fn):
 
 
 class CompiledDecode:
-    """decode(tokens, positions, cache, slot) -> logits [1, 1, V] for one sequence's newest token.
+    """decode(tokens, positions, cache, slot) -> logits [1, V] for one sequence's newest token.
 
     tokens and positions are [1, 1] on the CPU. The step reads the whole cache behind a mask, so its shapes
     never change and it compiles once per cache shape (on a small CPU, minutes the first time; torch caches
@@ -46,17 +46,18 @@ class CompiledDecode:
         self.model = model
         self.device = next(model.parameters()).device
 
-        def step(tokens, positions, cache, slot):
-            return model.run(tokens, cache.single_step(slot, positions), cache)
+        def step(tokens, positions, cache, slot):  # slot: a tensor [1], so one graph serves every slot
+            return model(tokens, cache.single_step(slot, positions), cache)
 
         self.compiled = torch.compile(_private(step), dynamic=False, options=compile_options(self.device))
         self.failed: str | None = None
         self.use_graphs = self.device.type == "cuda"
-        self.graphs: weakref.WeakKeyDictionary[KVCache, dict[int, CapturedStep]] = weakref.WeakKeyDictionary()
+        self.graphs: weakref.WeakKeyDictionary[KVCache, CapturedStep] = weakref.WeakKeyDictionary()
 
     @torch.inference_mode()  # as generation runs: tensors made while capturing are inference tensors
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
         cache.check_positions(positions)
+        slot = torch.tensor([slot])
         if self.failed is None:
             try:
                 if self.use_graphs:
@@ -66,53 +67,57 @@ class CompiledDecode:
                 self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 warnings.warn(f"torch.compile failed, decoding without it ({self.failed[:200]})", stacklevel=3)
         positions = positions.to(self.device)
-        return self.model.run(tokens.to(self.device), cache.single_step(slot, positions), cache)
+        return self.model(tokens.to(self.device), cache.single_step(slot.to(self.device), positions), cache)
 
     def _graph_step(self, tokens, positions, cache, slot):
-        captured = self.graphs.setdefault(cache, {})
-        if slot in captured:
-            return captured[slot].replay(tokens, positions)
+        captured = self.graphs.get(cache)
+        if captured is not None and captured.length == cache.length:
+            return captured.replay(tokens, positions, slot)
         try:
-            captured[slot] = CapturedStep(self.compiled, tokens, positions, cache, slot)
+            captured = self.graphs[cache] = CapturedStep(self.compiled, tokens, positions, cache, slot)
         except Exception as e:  # capture refused by an op, or a mismatch: the compiled step alone is still right
             self.use_graphs = False
             warnings.warn(f"CUDA graph capture failed, decoding with the compiled step alone "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})", stacklevel=4)
             return self._compiled_step(tokens, positions, cache, slot)
-        return captured[slot].out.clone()  # capturing ran this step already
+        return captured.out.clone()  # capturing ran this step already
 
     def _compiled_step(self, tokens, positions, cache, slot):
         # fresh tensors, made here in inference mode: the graph's guards hold whoever made the inputs
-        return self.compiled(tokens.to(self.device, copy=True), positions.to(self.device, copy=True), cache, slot)
+        return self.compiled(tokens.to(self.device, copy=True), positions.to(self.device, copy=True), cache,
+                             slot.to(self.device, copy=True))
 
 
 class CapturedStep:
     """One decode step captured as a CUDA graph, with its input and output buffers; capturing runs the step."""
 
-    def __init__(self, step, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: int):
+    def __init__(self, step, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: torch.Tensor):
         device = cache.k.device
+        self.length = cache.length  # a grown cache is new tensors: captured anew
         self.tokens = tokens.to(device, copy=True)
         self.positions = positions.to(device, copy=True)
+        self.slot = slot.to(device, copy=True)
         # Warm up outside the capture (compiling, autotuning, library workspaces), on a side stream as
         # torch.cuda.graphs asks. Each run writes this step's keys and values again: the same ones.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                expected = step(self.tokens, self.positions, cache, slot)
+                expected = step(self.tokens, self.positions, cache, self.slot)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = step(self.tokens, self.positions, cache, slot)
+            self.out = step(self.tokens, self.positions, cache, self.slot)
         self.graph.replay()
         # The same kernels on the same inputs: more than rounding apart means the capture is wrong.
         error = float((self.out.float() - expected.float()).abs().max())
         if not error <= 1e-2 * max(float(expected.float().abs().max()), 1.0):
             raise RuntimeError(f"the captured step's logits differ from the compiled step's by {error}")
 
-    def replay(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def replay(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Run the step for new inputs; a copy of its logits (the graph rewrites its output buffer)."""
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
+        self.slot.copy_(slot)
         self.graph.replay()
         return self.out.clone()

@@ -1,4 +1,4 @@
-"""Continuous batching: one scheduler thread owns the model's slot cache; requests join and leave between steps."""
+"""Continuous batching for the server: one thread drives the engine core; requests join and leave between steps."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import NamedTuple
 
 import torch
 
 from .cache import KVCache
+from .core import CHUNK, EngineCore, Event, PromptScore, Work
 from .errors import LmgenError
-from .generate import Generation, Sequence, TokenLogprob, decode_step, prefill
 from .lm import LM
 from .params import GenerationConfig, ParameterError
 
@@ -49,26 +48,14 @@ class EngineStopped(LmgenError):
     """The engine stopped before the request finished."""
 
 
-class Event(NamedTuple):
-    """One step of one sequence of a request; the sequence's last event carries its Generation."""
-
-    index: int
-    token_id: int | None
-    text: str
-    logprob: TokenLogprob | None
-    generation: Generation | None
-    error: Exception | None = None  # what ended the request, when it failed
-
-
 class Request:
     """A submitted request: n sequences whose events arrive as the engine steps."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, prompt: list[int], config: GenerationConfig):
+    def __init__(self, prompt: list[int], config: GenerationConfig | None, work: Work):
         self.id = f"req-{next(self._ids)}"
-        self.prompt, self.config, self.n = prompt, config, config.num_return_sequences
-        self.seqs: list[Sequence] = []
+        self.prompt, self.config, self.work, self.n = prompt, config, work, work.n_outputs
         self.last_token_time = [0.0] * self.n
         self.submitted = time.perf_counter()
         self.cancelled = False
@@ -124,22 +111,24 @@ class Request:
 
 
 class Engine:
-    """Iteration-level scheduler over a slot cache: prefill newcomers, then one decode step for everyone."""
+    """The server's engine: a thread stepping an EngineCore; requests are submitted from any thread."""
 
-    def __init__(self, lm: LM, *, max_concurrent: int = 8, max_waiting: int = 64, max_model_len: int | None = None):
+    def __init__(self, lm: LM, *, max_concurrent: int = 8, max_waiting: int = 64, max_model_len: int | None = None,
+                 chunk: int = CHUNK, prefix_caching: bool = True):
         if max_concurrent < 1 or max_waiting < 1:
             raise ValueError("max_concurrent and max_waiting must be >= 1")
         self.lm = lm
         self.max_concurrent, self.max_waiting = max_concurrent, max_waiting
         self.max_model_len = min(lm.context_length, max_model_len or 2048)
         self.cache = KVCache.for_model(lm.model, max_concurrent, self.max_model_len)
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._running: list[Request] = []
+        self.cache.prefix.enabled = prefix_caching
+        self.core = EngineCore(lm.model, self.cache, chunk=chunk)
+        self._waiting: collections.deque[Request] = collections.deque()  # submitted, not yet in the core
+        self._requests: dict[int, Request] = {}  # id(work) -> request, for those in the core
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._stats = dict(steps=0, batched_steps=0, max_batch=0, prompt_tokens=0, generated_tokens=0,
-                           requests_finished=0, requests_cancelled=0, requests_failed=0)
+        self._counts = dict(requests_finished=0, requests_cancelled=0, requests_failed=0)
         self._ttft, self._itl = Histogram(TTFT_BUCKETS), Histogram(ITL_BUCKETS)
 
     def start(self) -> None:
@@ -148,7 +137,7 @@ class Engine:
         self._thread.start()
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig) -> Request:
-        """Queue a request; raises EngineFull when the queue is full, ValueError when it cannot fit."""
+        """Queue a generation request; raises EngineFull when the queue is full, ParameterError when it cannot fit."""
         total = len(prompt_ids) + config.max_new_tokens
         if total > self.max_model_len:
             raise ParameterError("max_new_tokens", f"at most {self.max_model_len - len(prompt_ids)}",
@@ -156,31 +145,41 @@ class Engine:
                                      f"the prompt has {len(prompt_ids)} tokens and max_tokens is "
                                      f"{config.max_new_tokens}: together {total}, more than the model's maximum "
                                      f"length {self.max_model_len}"))
-        if config.num_return_sequences > self.max_concurrent:
-            raise ParameterError("num_return_sequences", f"at most the server's {self.max_concurrent} concurrent "
-                                 "sequences", config.num_return_sequences,
-                                 message=f"n={config.num_return_sequences} is more than the server's "
-                                         f"{self.max_concurrent} concurrent sequences")
-        if config.num_beams > 1:
-            raise ParameterError("num_beams", "1 on the server", config.num_beams,
-                                 message="num_beams > 1 is not supported by the server")
-        request = Request(list(prompt_ids), config)
+        field = "num_beams" if config.num_beams > 1 else "num_return_sequences"
+        wanted = max(config.num_beams, config.num_return_sequences)
+        if wanted > self.max_concurrent:
+            raise ParameterError(field, f"at most the server's {self.max_concurrent} concurrent sequences", wanted,
+                                 message=f"{'n' if wanted == config.num_return_sequences else field}={wanted} "
+                                         f"is more than the server's {self.max_concurrent} "
+                                         "concurrent sequences")
+        return self._queue(Request(list(prompt_ids), config, self.lm.work(list(prompt_ids), config,
+                                                                            self.max_model_len)))
+
+    def submit_score(self, prompt_ids: list[int], top_n: int = 0) -> Request:
+        """Queue the scoring of a prompt (its tokens' logprobs); the request's `work.logprobs` holds them."""
+        if len(prompt_ids) > self.max_model_len:
+            raise ParameterError("prompt", f"at most {self.max_model_len} tokens", len(prompt_ids))
+        return self._queue(Request(list(prompt_ids), None, PromptScore(list(prompt_ids), top_n)))
+
+    def _queue(self, request: Request) -> Request:
         with self._cond:
             if self._stopping:
                 raise EngineFull("the engine is shutting down")
-            if len(self._waiting) >= self.max_waiting:
-                raise EngineFull(f"{len(self._waiting)} requests are already waiting")
+            if len(self._waiting) + len(self.core.waiting) >= self.max_waiting:
+                raise EngineFull(f"{len(self._waiting) + len(self.core.waiting)} requests are already waiting")
             self._waiting.append(request)
             self._cond.notify()
         return request
 
     def stats(self) -> dict:
-        """Counters for /metrics: sequences running and waiting, steps, tokens, latencies."""
+        """Counters for /metrics: sequences running and waiting, steps, tokens, prefix cache, latencies."""
         with self._cond:
-            running = sum(1 for r in self._running for s in r.seqs if s.finish_reason is None)
-            waiting = sum(r.n for r in self._waiting)
-            return dict(self._stats, running=running, waiting=waiting, ttft=self._ttft.snapshot(),
-                        itl=self._itl.snapshot())
+            running = sum(1 for w in self.core.running for t in w.tracks if t.slot >= 0)
+            waiting = sum(len(w.tracks) for w in self.core.waiting) + sum(r.n for r in self._waiting)
+            prefix = self.cache.prefix
+            return dict(self.core.stats, **self._counts, running=running, waiting=waiting,
+                        prefix_queries=prefix.queries, prefix_hits=prefix.hits, prefix_hit_tokens=prefix.hit_tokens,
+                        kv_cache_bytes=self.cache.nbytes(), ttft=self._ttft.snapshot(), itl=self._itl.snapshot())
 
     def stop(self) -> None:
         """Stop the scheduler; running and waiting requests end with an error event."""
@@ -189,7 +188,7 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for request in list(self._waiting) + self._running:
+        for request in list(self._waiting) + list(self._requests.values()):
             stopped = EngineStopped("engine shutting down")
             request._push([Event(i, None, "", None, None, stopped) for i in range(request.n)], True)
 
@@ -197,106 +196,43 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self.core.has_work():
                     self._cond.wait()
                 if self._stopping:
                     return
-            self._drop_cancelled()
-            self._admit()
-            self._step()
+                while self._waiting:
+                    request = self._waiting.popleft()
+                    self._requests[id(request.work)] = request
+                    self.core.add(request.work)
+                running = list(self._requests.values())
+            for request in running:
+                if request.cancelled:
+                    self.core.abort(request.work)
+                    self._finish(request, "requests_cancelled")
+            self._deliver(self.core.step())
 
-    def _drop_cancelled(self) -> None:
-        for request in [r for r in self._running if r.cancelled]:
-            for s in request.seqs:
-                if s.finish_reason is None:
-                    s.finish_reason = "cancelled"
-                    self.cache.release(s.slot)
-            self._finish(request, "requests_cancelled")
-        with self._cond:
-            cancelled = [r for r in self._waiting if r.cancelled]
-            for r in cancelled:
-                self._waiting.remove(r)
-        for r in cancelled:
-            self._finish(r, "requests_cancelled")
-
-    def _admit(self) -> None:
-        # New requests join between decode steps, as long as their sequences fit in free slots.
-        while True:
-            with self._cond:
-                if not self._waiting or self._waiting[0].n > self.cache.free_slots:
-                    return
-                request = self._waiting.popleft()
-            try:
-                request.seqs = self.lm.sequences([request.prompt], request.config)
-                for s in request.seqs:
-                    s.slot = self.cache.allocate()
-                with self._cond:
-                    self._running.append(request)
-                logits = prefill(self.lm.model, self.cache, [request.prompt], [request.seqs[0].slot])[0]
-                for s in request.seqs[1:]:
-                    self.cache.copy_prefix(request.seqs[0].slot, s.slot, len(request.prompt))
-                self._stats["prompt_tokens"] += len(request.prompt)
-                self._advance(request, dict.fromkeys(range(request.n), logits))
-            except Exception as e:  # one bad request must not stop the others
-                self._fail(request, e)
-
-    def _step(self) -> None:
-        live = [(r, s) for r in self._running for s in r.seqs if s.finish_reason is None]
-        if not live:
-            return
-        try:
-            logits = decode_step(self.lm.model, self.cache, [s for _, s in live])
-        except Exception as e:
-            for request in list(self._running):
-                self._fail(request, e)
-            return
-        self._stats["steps"] += 1
-        self._stats["batched_steps"] += len(live) > 1
-        self._stats["max_batch"] = max(self._stats["max_batch"], len(live))
-        rows: dict[int, dict[int, torch.Tensor]] = {}
-        for (request, s), row in zip(live, logits):
-            rows.setdefault(id(request), {})[request.seqs.index(s)] = row
-        for request in list(self._running):
-            if id(request) in rows:
-                try:
-                    self._advance(request, rows[id(request)])
-                except Exception as e:
-                    self._fail(request, e)
-
-    def _advance(self, request: Request, logits: dict[int, torch.Tensor]) -> None:
-        """Choose each listed sequence's next token from its logits row and send the events."""
+    def _deliver(self, events: list[tuple[Work, Event]]) -> None:
         now = time.perf_counter()
-        events = []
-        for index, row in logits.items():
-            s = request.seqs[index]
-            if not s.tokens:
-                self._ttft.observe(now - request.submitted)
-            else:
-                self._itl.observe(now - request.last_token_time[index])
-            request.last_token_time[index] = now
-            piece = s.advance(row, self.max_model_len)
-            self._stats["generated_tokens"] += 1
-            done = None
-            if s.finish_reason is not None:
-                self.cache.release(s.slot)
-                done = self.lm.result(s)
-            events.append(Event(index, s.tokens[-1], piece, s.logprobs[-1] if s.logprobs else None, done))
-        finished = all(s.finish_reason is not None for s in request.seqs)
-        request._push(events)
-        if finished:
-            self._finish(request, "requests_finished")
+        by_request: dict[int, list[Event]] = {}
+        for work, event in events:
+            by_request.setdefault(id(work), []).append(event)
+            request = self._requests.get(id(work))
+            if request is not None and event.token_id is not None:
+                first = request.last_token_time[event.index] == 0.0
+                (self._ttft if first else self._itl).observe(
+                    now - (request.submitted if first else request.last_token_time[event.index]))
+                request.last_token_time[event.index] = now
+        for key, evs in by_request.items():
+            request = self._requests.get(key)
+            if request is None:
+                continue
+            request._push(evs)
+            if request.work.finished:
+                failed = any(e.error is not None for e in evs)
+                self._finish(request, "requests_failed" if failed else "requests_finished")
 
     def _finish(self, request: Request, counter: str) -> None:
         with self._cond:
-            if request in self._running:
-                self._running.remove(request)
-        self._stats[counter] += 1
+            self._requests.pop(id(request.work), None)
+        self._counts[counter] += 1
         request._push([], done=True)
-
-    def _fail(self, request: Request, error: Exception) -> None:
-        for s in request.seqs:
-            if s.finish_reason is None and s.slot >= 0:
-                s.finish_reason = "error"
-                self.cache.release(s.slot)
-        request._push([Event(i, None, "", None, None, error) for i in range(request.n)])
-        self._finish(request, "requests_failed")

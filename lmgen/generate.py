@@ -1,20 +1,15 @@
-"""Generation over the slot cache: prefill prompts once, then one batched decode step per token."""
+"""One continuation being generated (the per-row reference sampler), and what generation returns."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
 
 from . import sampling
-from .cache import KVCache
 from .params import GenerationConfig
 from .stopping import TextTracker
-
-PREFILL_CHUNK = 512  # prompt tokens per forward: bounds attention memory for long prompts
-
 
 @dataclass
 class TokenLogprob:
@@ -43,8 +38,8 @@ class Generation:
     score: float | None = None  # beam search: the sequence score
 
 
-class Sequence:
-    """One sequence being generated: its slot, tokens, sampling state, text and stop conditions."""
+class Continuation:
+    """One continuation being generated: its tokens, sampling state, text and stop conditions."""
 
     def __init__(self, prompt: list[int], config: GenerationConfig, generator: torch.Generator | None = None,
                  eos_ids: Seq[int] = (), text: TextTracker | None = None):
@@ -53,7 +48,6 @@ class Sequence:
         self.eos = set(eos)
         self.processors = sampling.build_processors(config, len(prompt), eos)
         self.text = text
-        self.slot = -1
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if config.logprobs is not None else None
         self.finish_reason: str | None = None
@@ -93,6 +87,12 @@ class Sequence:
         return piece
 
 
+    def result(self) -> Generation:
+        """The Generation this continuation has produced so far."""
+        return Generation(self.text.text if self.text else "", list(self.tokens), self.finish_reason, self.prompt,
+                          stop_reason=self.stop_reason, logprobs=self.logprobs)
+
+
 def token_logprob(scores: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
     """The log-probability of `token` under scores [V], with the top_n alternatives."""
     logprobs = torch.log_softmax(scores.float(), dim=-1)
@@ -101,82 +101,3 @@ def token_logprob(scores: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
         values, ids = torch.topk(logprobs, top_n)
         top = list(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token, float(logprobs[token]), top)
-
-
-def prefill(model, cache: KVCache, prompts: Seq[list[int]], slots: list[int]) -> torch.Tensor:
-    """Run the prompts through the model into their slots; return each one's last logits [B, V]."""
-    device = cache.k.device
-    lengths = [len(p) for p in prompts]
-    width = max(lengths)
-    # Right padding is harmless: a pad token writes keys past its row's length, and every
-    # one of those positions is rewritten by the row's own decode step before it is read.
-    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=device)
-    positions = torch.arange(width).expand(len(prompts), width)  # on the CPU: the cache builds its indices there
-    out = [None] * len(prompts)
-    for start in range(0, width, PREFILL_CHUNK):
-        end = min(start + PREFILL_CHUNK, width)
-        rows = [i for i, n in enumerate(lengths) if n > start]
-        last = torch.tensor([min(lengths[i], end) - 1 - start for i in rows], device=device)
-        logits = model(tokens[rows, start:end], positions[rows, start:end], cache,
-                       [slots[i] for i in rows], last=last)
-        for j, i in enumerate(rows):
-            if start < lengths[i] <= end:
-                out[i] = logits[j]
-    return torch.stack(out)
-
-
-def decode_step(model, cache: KVCache, seqs: Seq[Sequence], run=None) -> torch.Tensor:
-    """Feed each sequence's newest token; return the next logits [B, V].
-
-    `run` (a CompiledDecode) takes a lone sequence's step.
-    """
-    positions = torch.tensor([[s.length - 1] for s in seqs])  # on the CPU: the cache builds its indices there
-    if run is not None and len(seqs) == 1:
-        return run(torch.tensor([[seqs[0].tokens[-1]]]), positions, cache, seqs[0].slot)[:, -1]
-    tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=cache.k.device)
-    return model(tokens, positions, cache, [s.slot for s in seqs])[:, -1]
-
-
-def generate_tokens(model, cache: KVCache, seqs: list[Sequence], max_length: int,
-                    run=None) -> Iterator[list[tuple[Sequence, int, str]]]:
-    """Generate for all sequences as one batch; yield each step's (sequence, token, released text).
-
-    Sequences with the same prompt object share one prefill. A sequence ends at an EOS token
-    or a stop string ("stop"), or at its max_new_tokens or `max_length` tokens ("length");
-    its slot is freed at once.
-    """
-    for s in seqs:
-        if s.config.max_new_tokens == 0 or s.length >= max_length:
-            s.finish_reason = "length"
-    active = [s for s in seqs if s.finish_reason is None]
-    if not active:
-        return
-    groups: dict[int, list[Sequence]] = {}
-    for s in active:
-        groups.setdefault(id(s.prompt), []).append(s)
-    active = [s for g in groups.values() for s in g]
-    try:
-        for s in active:
-            s.slot = cache.allocate()
-        firsts = [g[0] for g in groups.values()]
-        first_logits = prefill(model, cache, [s.prompt for s in firsts], [s.slot for s in firsts])
-        logits = []
-        for g, row in zip(groups.values(), first_logits):
-            for s in g[1:]:
-                cache.copy_prefix(g[0].slot, s.slot, len(s.prompt))
-            logits += [row] * len(g)
-        while active:
-            step = []
-            for s, row in zip(active, logits):
-                piece = s.advance(row, max_length)
-                step.append((s, s.tokens[-1], piece))
-                if s.finish_reason:
-                    cache.release(s.slot)
-            yield step
-            active = [s for s in active if s.finish_reason is None]
-            if active:
-                logits = decode_step(model, cache, active, run)
-    finally:
-        for s in active:  # stopped early (an error, or the caller left): give the slots back
-            if s.finish_reason is None and s.slot >= 0:
-                cache.release(s.slot)

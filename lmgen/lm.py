@@ -9,15 +9,15 @@ from typing import NamedTuple
 
 import torch
 
-from . import sampling
 from .cache import KVCache
 from .compiled import CompiledDecode
-from .generate import Generation, Sequence, TokenLogprob, generate_tokens, token_logprob
+from .core import EngineCore, Event, Generate, PromptScore, Work, beam_work, continuations
+from .generate import Generation, TokenLogprob
 from .params import GenerationConfig
-from .stopping import TextTracker
 from .tokenizer import Tokenizer
 
 Prompt = str | list[int]
+COMPILED_SLOTS = 4  # a compiled LM's core keeps this many slots, so batches up to it reuse the compiled graph
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \ud800 escapes decode to these; no tokenizer takes them
 
 
@@ -37,8 +37,9 @@ class LM:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.weights = str(self.dtype).removeprefix("torch.")  # which path the weights take: see loading.load
         self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else tokenizer.eos_token_ids)
-        self._caches: dict[str, KVCache] = {}  # "main", and "batch" for a compiled LM's batches: see _cache_for
+        self._core: EngineCore | None = None
         self._compiled = None
 
     def compile(self) -> "LM":
@@ -47,6 +48,7 @@ class LM:
         On a small CPU the first compile takes minutes; torch caches it on disk for later processes.
         """
         self._compiled = CompiledDecode(self.model)
+        self._core = None
         return self
 
     @property
@@ -99,17 +101,14 @@ class LM:
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits [T, V] at every position of the prompt (float32, on the CPU)."""
         ids = torch.tensor([self.encode(prompt)], device=self.device)
-        positions = torch.arange(ids.shape[1], device=self.device)[None]
-        return self.model(ids, positions)[0].float().cpu()
+        return self.model(ids).float().cpu()
 
     @torch.inference_mode()
     def next_token_logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits [V] for the token after the prompt."""
         ids = self.encode(prompt)
         tokens = torch.tensor([ids], device=self.device)
-        positions = torch.arange(len(ids), device=self.device)[None]
-        last = torch.tensor([len(ids) - 1], device=self.device)
-        return self.model(tokens, positions, last=last)[0].float().cpu()
+        return self.model(tokens, rows=torch.tensor([len(ids) - 1], device=self.device))[0].float().cpu()
 
     def next_token_probs(self, prompt: Prompt) -> torch.Tensor:
         """The next-token distribution [V] (softmax of the last logits), summing to 1."""
@@ -132,18 +131,17 @@ class LM:
         """
         config = GenerationConfig.from_params(config, **params)
         prompts = [self.encode(p) for p in _prompt_list(prompt)]
-        if config.num_beams > 1:
-            results = [g for ids in prompts for g in self._beam_search(ids, config)]
-        else:
-            seqs = self.sequences(prompts, config)
-            for _ in self._run(seqs):
-                pass
-            results = [self.result(s) for s in seqs]
+        works = self._works(prompts, config)
+        results: dict[int, dict[int, Generation]] = {id(w): {} for w in works}
+        for work, event in self._drive(works):
+            if event.generation is not None:
+                results[id(work)][event.index] = event.generation
+        out = [g for w in works for _, g in sorted(results[id(w)].items())]
         if config.prompt_logprobs is not None:
             per_prompt = {id(ids): self.prompt_logprobs(ids, config.prompt_logprobs) for ids in prompts}
-            for g in results:
+            for g in out:
                 g.prompt_logprobs = per_prompt[id(g.prompt_token_ids)]
-        return results
+        return out
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **params) -> Iterator[str]:
         """Yield the text of one continuation as it is generated: never part of a character or a stop string."""
@@ -157,91 +155,71 @@ class LM:
         config = GenerationConfig.from_params(config, **params)
         if config.num_return_sequences != 1 or config.num_beams != 1 or _is_prompt_list(prompt):
             raise ValueError("streaming takes one prompt, with num_return_sequences=1 and num_beams=1")
-        seqs = self.sequences([self.encode(prompt)], config)
-        for step in self._run(seqs):
-            for s, token, piece in step:
-                done = self.result(s) if s.finish_reason else None
-                yield StreamEvent(token, piece, s.logprobs[-1] if s.logprobs else None, done)
-        if not seqs[0].tokens:  # finished before its first token (max_new_tokens=0)
-            yield StreamEvent(None, "", None, self.result(seqs[0]))
+        for _, e in self._drive(self._works([self.encode(prompt)], config)):
+            yield StreamEvent(e.token_id, e.text, e.logprob, e.generation)
 
-    @torch.inference_mode()
     def prompt_logprobs(self, prompt: Prompt, top_n: int = 0) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first)."""
-        ids = self.encode(prompt)
-        logits = self.logits(ids)
-        return [None] + [token_logprob(logits[i - 1], ids[i], top_n) for i in range(1, len(ids))]
+        work = PromptScore(self.encode(prompt), top_n)
+        for _ in self._drive([work]):
+            pass
+        return work.logprobs
 
     def score(self, text: Prompt) -> Score:
         """Per-token log-probabilities of a text, its total log-likelihood and its perplexity."""
         ids = self.encode(text)
         if len(ids) < 2:
             raise ValueError(f"text must have at least 2 tokens to be scored, got {len(ids)}")
-        logprobs = torch.log_softmax(self.logits(ids)[:-1], dim=-1)
-        token_lp = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].double()
-        total = float(token_lp.sum())
-        return Score(ids, token_lp.tolist(), total, math.exp(-total / (len(ids) - 1)))
+        logprobs = [lp.logprob for lp in self.prompt_logprobs(ids)[1:]]
+        total = math.fsum(logprobs)
+        return Score(ids, logprobs, total, math.exp(-total / (len(ids) - 1)))
 
-    def sequences(self, prompts: list[list[int]], config: GenerationConfig) -> list[Sequence]:
-        """Sequence objects for the prompts, num_return_sequences each, seeded seed + index."""
-        seqs = []
-        base_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()))
-        for ids in prompts:
-            for _ in range(config.num_return_sequences):
-                # One generator per sequence, seeded by its index in the request, so the same
-                # request gives the same tokens however it is batched.
-                gen = None
-                if config.sampling:
-                    gen = torch.Generator(self.device).manual_seed(base_seed + len(seqs))
-                text = TextTracker(self.tokenizer.detokenizer(), config.stop or (), config.include_stop_str_in_output)
-                seqs.append(Sequence(ids, config, gen, self.eos_token_ids, text))
-        return seqs
-
-    def _max_length(self, lengths: list[int], config: GenerationConfig) -> int:
-        return min(self.context_length, max(lengths) + config.max_new_tokens)
-
-    @torch.inference_mode()
-    def _run(self, seqs: list[Sequence]):
-        max_length = self._max_length([s.length for s in seqs], seqs[0].config)
-        cache = self._cache_for(len(seqs), max_length)
-        yield from generate_tokens(self.model, cache, seqs, max_length, self._compiled)
-
-    @torch.inference_mode()
-    def _beam_search(self, ids: list[int], config: GenerationConfig) -> list[Generation]:
-        from .beam import beam_search
-
-        max_length = self._max_length([len(ids)], config)
-        cache = self._cache_for(config.num_beams, max_length)
-        eos = config.stop_token_ids(self.eos_token_ids)
-        processors = sampling.build_processors(config, len(ids), eos)
-        beams = beam_search(self.model, cache, ids, config, eos, max_length, processors)
-        out = []
-        for b in beams:
-            ended_on_eos = b.finish_reason == "stop" and b.tokens and b.tokens[-1] in eos
-            text = self.tokenizer.decode(b.tokens[:-1] if ended_on_eos else b.tokens)
-            out.append(Generation(text, b.tokens, b.finish_reason, ids,
-                                  stop_reason=b.tokens[-1] if ended_on_eos else None, score=b.score))
-        return out
-
-    def _cache_for(self, n_slots: int, max_length: int) -> KVCache:
-        # A compiled step is compiled (and on a GPU captured) for its cache's shape: a compiled LM keeps its
-        # batches (decoded eagerly) in a second cache, so a batch in between costs no recompile.
-        key = "batch" if self._compiled is not None and n_slots > 1 else "main"
-        c = self._caches.pop(key, None)
-        if c is None or c.n_slots < n_slots or c.max_len < max_length or c.free_slots < c.n_slots:
-            c = None  # free the old one before allocating
-            if self._compiled is None:
-                length = min(self.context_length, -(-max_length // 16) * 16)  # a little room to reuse it
-            else:  # a compiled step has fixed shapes: power-of-two lengths from 128, each compiled once
-                length = min(self.context_length, 1 << max(7, (max_length - 1).bit_length()))
-            c = KVCache.for_model(self.model, n_slots, length)
-        self._caches[key] = c
+    def core(self, n_slots: int = 1) -> EngineCore:
+        """The engine core this LM generates with, with at least n_slots slots (made anew when busy or small)."""
+        c = self._core
+        if self._compiled is not None:  # a compiled step is compiled for its cache's shape: keep a few slots
+            n_slots = max(n_slots, COMPILED_SLOTS)
+        if c is None or c.cache.n_slots < n_slots or c.has_work():
+            c = self._core = None  # free the old cache first
+            cache = KVCache.for_model(self.model, max(n_slots, 1), self.context_length)
+            c = self._core = EngineCore(self.model, cache, decode_one=self._compiled)
         return c
 
-    def result(self, s: Sequence) -> Generation:
-        """The Generation a finished (or running) sequence has produced."""
-        return Generation(s.text.text if s.text else "", list(s.tokens), s.finish_reason, s.prompt,
-                          stop_reason=s.stop_reason, logprobs=s.logprobs)
+    def work(self, ids: list[int], config: GenerationConfig, max_length: int, index0: int = 0,
+             base_seed: int | None = None) -> Work:
+        """The core's request for one prompt: beam search, or num_return_sequences continuations seeded from
+        base_seed + index0 (config.seed, or a random seed)."""
+        if config.num_beams > 1:
+            return beam_work(ids, config, self.eos_token_ids, max_length, self.tokenizer.decode)
+        if base_seed is None:
+            base_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()))
+        seqs = continuations(ids, config, config.num_return_sequences, base_seed, self.eos_token_ids,
+                             self.tokenizer.detokenizer, index0, self.device)
+        return Generate(ids, seqs, max_length)
+
+    def _works(self, prompts: list[list[int]], config: GenerationConfig) -> list[Work]:
+        base_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()))
+        n = max(config.num_return_sequences, config.num_beams)
+        self.core(len(prompts) * n)
+        return [self.work(ids, config, self.context_length, k * n, base_seed) for k, ids in enumerate(prompts)]
+
+    def _drive(self, works: list[Work]) -> Iterator[tuple[Work, Event]]:
+        """Run the works on this LM's core until they finish, yielding their events; an error is raised."""
+        core = self.core(sum(len(w.tracks) for w in works))
+        for w in works:
+            core.add(w)
+        left = set(map(id, works))
+        try:
+            while left:
+                for work, event in core.step():
+                    if event.error is not None:
+                        raise event.error
+                    yield work, event
+                    if work.finished:
+                        left.discard(id(work))
+        finally:
+            for w in works:
+                core.abort(w)
 
 
 class StreamEvent(NamedTuple):

@@ -91,8 +91,29 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     check_quantize(quantize, dev)
+    path = resolve(source)
+    # Fast by default: a GGUF of Q4_0/Q4_1 blocks runs on them, as llama.cpp does, unless a dtype is asked for.
+    default = dtype is None and quantize is None and dev.type == "cpu" and not path.is_dir()
+    if default and GGUFFile(path).block_type() is not None:
+        quantize = "int4"
     with _loading_malloc():
-        return _load(resolve(source), source, dt, dev, quantize, progress)
+        lm = _load(path, source, dt, dev, quantize, progress)
+    lm.weights = describe_weights(path, dt, quantize, default)
+    return lm
+
+
+def describe_weights(path: Path, dtype: torch.dtype, quantize: str | None, default: bool) -> str:
+    """Which path a model's weights take, in words (`lmgen info`, `-v`)."""
+    name = str(dtype).removeprefix("torch.")
+    blocks = None if path.is_dir() else GGUFFile(path).block_type()
+    if quantize == "int4":
+        kept = f"the file's own {blocks} blocks" if blocks else "4-bit blocks quantized at load"
+        how = "the default for this file; dtype float32 for the dequantized reference" if default else "quantize int4"
+        return f"int4 kernels on {kept} ({how})"
+    if path.is_dir():
+        return f"{name} ({name} matmuls)"
+    return f"{name}, dequantized from the file" + ("" if blocks or not default else
+                                                   " (its block types have no native kernel here)")
 
 
 def _load(path: Path, source, dt: torch.dtype, dev: torch.device, quantize: str | None,

@@ -100,9 +100,10 @@ def embedded_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm(embedded_path):
+    """The embedded model on the float32 reference path (the default runs its Q4_1 blocks through int4 kernels)."""
     import lmgen
 
-    return lmgen.load()
+    return lmgen.load(dtype="float32")
 
 
 @pytest.fixture(scope="session", params=["native", "portable"])

@@ -89,7 +89,7 @@ def test_models_decode_the_same_with_and_without_the_kernel(arch, tiny_llama_dir
     for kernel in (True, False):
         if not kernel:
             monkeypatch.setattr(KVCache, "__init__", _without_kernel(KVCache.__init__))
-            lm._caches.clear()
+            lm._core = None
         gens = lm.generate(prompts, max_new_tokens=12, ignore_eos=True, logprobs=0)
         runs[kernel] = ([g.token_ids for g in gens], [[t.logprob for t in g.logprobs] for g in gens])
     assert runs[True][0] == runs[False][0]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import lmgen
-from lmgen.beam import Beam, beam_search
+from lmgen.beam import Beam
 from lmgen.cache import KVCache
+from lmgen.core import beam_search
 from lmgen.params import GenerationConfig
 
 from .conftest import SEED_IDS
@@ -135,15 +136,15 @@ def test_prefills_once_then_one_batched_step_per_token(models):
     lm, _ = models
     calls = []
 
-    def model(tokens, positions, cache, slots, **kw):
-        calls.append((tuple(tokens.shape), positions[:, -1].tolist()))
-        return lm.model(tokens, positions, cache, slots, **kw)
+    def model(tokens, step, cache, rows):
+        calls.append((tuple(tokens.shape), [s.first + s.count - 1 for s in step.spans]))
+        return lm.model(tokens, step, cache, rows)
 
     cache = KVCache.for_model(lm.model, n_slots=4, max_len=64)
     with torch.inference_mode():
         beam_search(model, cache, SEED_IDS, GenerationConfig(num_beams=4, max_new_tokens=MAX_NEW), [50256], 64)
     p = len(SEED_IDS)
-    assert calls == [((1, p), [p - 1])] + [((4, 1), [p + i] * 4) for i in range(MAX_NEW - 1)]
+    assert calls == [((1, p), [p - 1])] + [((1, 4), [p + i] * 4) for i in range(MAX_NEW - 1)]
 
 
 def test_slots_released_on_error(models):

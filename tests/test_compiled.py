@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import lmgen
-from lmgen.cache import KVCache
+from lmgen.cache import KVCache, Span
 from lmgen.compiled import compile_options
 from lmgen.models.layers import grouped_attention
 
@@ -28,7 +28,7 @@ def test_compiled_single_sequence_decoding_matches_eager(tiny_llama_dir, quantiz
         warnings.simplefilter("error", UserWarning)  # a failed compile warns and decodes eagerly: not here
         got = compiled.generate(SEED_PROMPT, max_new_tokens=12, ignore_eos=True)[0]
     assert got.token_ids == want.token_ids
-    assert compiled._caches["main"].max_len == 128  # the compiled step reads a whole power-of-two cache behind a mask
+    assert compiled._core.cache.length == 256  # the compiled step reads a whole power-of-two cache behind a mask
     # batches still decode eagerly, and agree with the single-sequence results
     graphs = counters["stats"]["unique_graphs"]
     both = compiled.generate([SEED_PROMPT, SEED_PROMPT + " again"], max_new_tokens=12, ignore_eos=True)
@@ -56,15 +56,15 @@ def test_the_compiled_step_called_from_outside_generation_reuses_its_graph(tiny_
     lm = lmgen.load(tiny_llama_dir).compile()
     lm.generate(SEED_PROMPT, max_new_tokens=3, ignore_eos=True)  # compiles, inside inference mode
     graphs = counters["stats"]["unique_graphs"]
-    cache = lm._caches["main"]
+    cache = lm._core.cache
     slot = cache.allocate()
     out = lm._compiled(torch.tensor([[5]]), torch.tensor([[9]]), cache, slot)  # tensors made outside it
     assert counters["stats"]["unique_graphs"] == graphs
     with torch.inference_mode():
-        want = lm.model(torch.tensor([[5]]), torch.tensor([[9]]), cache, [slot])
+        want = lm.model(torch.tensor([[5]]), cache.plan([Span(0, 1, slot, 9)]), cache)
     torch.testing.assert_close(out, want)
-    with pytest.raises(ValueError, match=f"position {cache.max_len} is beyond the cache length {cache.max_len}"):
-        lm._compiled(torch.tensor([[5]]), torch.tensor([[cache.max_len]]), cache, slot)
+    with pytest.raises(ValueError, match=f"position {cache.length} is beyond the cache length {cache.length}"):
+        lm._compiled(torch.tensor([[5]]), torch.tensor([[cache.length]]), cache, slot)
 
 
 def test_grouped_attention_equals_attention_over_repeated_key_heads():
@@ -85,12 +85,12 @@ def test_a_single_step_reads_and_writes_what_a_general_step_does(tiny_llama_dir)
     caches, logits = [], []
     for single in (False, True):
         cache = KVCache.for_model(model, n_slots=3, max_len=32)
-        model(prompt, torch.arange(4)[None], cache, [2])
+        model(prompt, cache.plan([Span(0, 4, 2, 0)]), cache)
         token, position = torch.tensor([[11687]]), torch.tensor([[4]])
         if single:  # what a compiled step runs: the whole cache behind a mask
-            logits.append(model.run(token, cache.single_step(2, position), cache))
+            logits.append(model(token, cache.single_step(2, position), cache))
         else:
-            logits.append(model(token, position, cache, [2]))
+            logits.append(model(token, cache.plan([Span(0, 1, 2, 4)]), cache))
         caches.append(cache)
     torch.testing.assert_close(logits[1], logits[0])
     torch.testing.assert_close(caches[1].k[:, 2, :, :5], caches[0].k[:, 2, :, :5])
@@ -128,7 +128,7 @@ class FakeCUDA:
             def replay(self):
                 fake.replays += 1
                 tokens, positions, cache, slot, out = self.call
-                logits = fake.model.run(tokens, cache.single_step(slot, positions), cache)
+                logits = fake.model(tokens, cache.single_step(slot, positions), cache)
                 out.copy_(logits + 1 if fake.wrong_replay else logits)
 
         class Stream:
@@ -149,7 +149,7 @@ class FakeCUDA:
                         "stream": lambda s: contextlib.nullcontext(), "graph": graph}
 
     def step(self, tokens, positions, cache, slot):
-        out = self.model.run(tokens, cache.single_step(slot, positions), cache)
+        out = self.model(tokens, cache.single_step(slot, positions), cache)
         if self.capturing:
             self.recorded = (tokens, positions, cache, slot, out)
         return out
@@ -173,7 +173,7 @@ def test_graph_replays_see_each_steps_new_inputs(tiny_llama_dir, monkeypatch):
         warnings.simplefilter("error", UserWarning)
         assert lm.generate(SEED_PROMPT, max_new_tokens=10, ignore_eos=True)[0].token_ids == want
         assert lm.generate(SEED_PROMPT, max_new_tokens=10, ignore_eos=True)[0].token_ids == want  # same graph
-    assert len(lm._compiled.graphs[lm._caches["main"]]) == 1  # one graph, for slot 0 of this cache
+    assert list(lm._compiled.graphs) == [lm._core.cache]  # one graph for this cache, whichever slot
     assert fake.replays == 1 + 8 + 9  # the capture's check, then every later step of both runs
 
 

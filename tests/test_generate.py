@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmgen.cache import KVCache
-from lmgen.generate import Sequence, generate_tokens
+from lmgen.cache import KVCache, Span
+from lmgen.core import EngineCore, Generate
+from lmgen.generate import Continuation
 from lmgen.lm import LM
 from lmgen.params import GenerationConfig
 
@@ -50,14 +51,21 @@ def test_list_of_prompts_in_order(tiny_gpt2):
     assert [o.prompt_token_ids for o in outs] == [tiny_gpt2.tokenizer.encode("Hello")] * 2 + [SEED_IDS] * 2
 
 
+def run_to_the_end(model, cache, seqs, max_length=64):
+    """Each continuation as its own request on one core, all at once."""
+    core = EngineCore(model, cache)
+    for s in seqs:
+        core.add(Generate(s.prompt, [s], max_length))
+    while core.has_work():
+        core.step()
+
+
 def run_alone_and_batched(lm, seqs_factory, index):
     cache = KVCache.for_model(lm.model, n_slots=8, max_len=64)
     alone = seqs_factory()[index]
-    for _ in generate_tokens(lm.model, cache, [alone], 64):
-        pass
+    run_to_the_end(lm.model, cache, [alone])
     batch = seqs_factory()
-    for _ in generate_tokens(lm.model, cache, batch, 64):
-        pass
+    run_to_the_end(lm.model, cache, batch)
     assert cache.free_slots == 8
     return alone, batch[index]
 
@@ -69,7 +77,7 @@ def test_seeded_sequence_gives_the_same_tokens_alone_and_batched_with_seven_othe
             cfg = GenerationConfig(max_new_tokens=10 + 3 * i, do_sample=i != 5, temperature=0.7 + 0.1 * i,
                                    top_k=[None, 50][i % 2], top_p=[None, 0.9][i % 3 == 0])
             prompt = tiny_gpt2.encode(["Once upon a time", SEED_PROMPT, "A"][i % 3] + " x" * i)
-            seqs.append(Sequence(prompt, cfg, torch.Generator().manual_seed(100 + i), tiny_gpt2.eos_token_ids))
+            seqs.append(Continuation(prompt, cfg, torch.Generator().manual_seed(100 + i), tiny_gpt2.eos_token_ids))
         return seqs
 
     for index in (0, 3, 7):
@@ -81,7 +89,7 @@ def test_stopping_a_stream_early_frees_its_slot(tiny_gpt2):
     stream = tiny_gpt2.stream(SEED_PROMPT, max_new_tokens=50)
     next(stream)
     stream.close()
-    cache = tiny_gpt2._caches["main"]
+    cache = tiny_gpt2._core.cache
     assert cache.free_slots == cache.n_slots
 
 
@@ -97,30 +105,18 @@ def test_cache_slots_allocate_release_and_reuse():
         cache.release(5)
 
 
-def test_a_batch_takes_the_lowest_free_slots_so_its_cache_rows_are_contiguous():
-    cache = KVCache(n_layers=1, n_slots=4, max_len=8, n_kv_heads=1, head_dim=4)
-    slots = [cache.allocate() for _ in range(4)]
-    for s in slots:  # freed in order, as a batch that ends together frees them
-        cache.release(s)
-    slots = [cache.allocate() for _ in range(3)]
-    assert slots == [0, 1, 2]
-    step = cache.step(slots, torch.zeros(3, 1, dtype=torch.long))
-    assert step.slot_start == 0  # read as a view of the cache, not gathered
-
-
 def test_a_position_beyond_the_cache_is_an_error_naming_it():
     cache = KVCache(n_layers=1, n_slots=2, max_len=8, n_kv_heads=1, head_dim=4)
     with pytest.raises(ValueError, match="position 8 is beyond the cache length 8"):
-        cache.step([0, 1], torch.tensor([[3], [8]]))
-    assert cache.step([0, 1], torch.tensor([[3], [7]])).kv_len == 8
+        cache.plan([Span(0, 1, 0, 3), Span(1, 1, 1, 8)])
+    assert cache.plan([Span(0, 1, 0, 3), Span(1, 1, 1, 7)]).kv_len == 8
 
 
 def test_a_freed_slot_is_reused_without_leaking_old_keys(tiny_gpt2):
     # Fill slot 0 with a long sequence, free it, then run a short one there: same tokens as in a fresh cache.
     cache = KVCache.for_model(tiny_gpt2.model, n_slots=1, max_len=64)
     cfg = GenerationConfig(max_new_tokens=8)
-    long, short = Sequence([464] * 40, cfg), Sequence(list(SEED_IDS), cfg)
+    long, short = Continuation([464] * 40, cfg), Continuation(list(SEED_IDS), cfg)
     for seq in (long, short):
-        for _ in generate_tokens(tiny_gpt2.model, cache, [seq], 64):
-            pass
+        run_to_the_end(tiny_gpt2.model, cache, [seq])
     assert short.tokens == tiny_gpt2.generate(SEED_IDS, max_new_tokens=8)[0].token_ids

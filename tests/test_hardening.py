@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from lmgen.generate import Sequence
+from lmgen.generate import Continuation
 from lmgen.params import BOUNDS, GenerationConfig, ParameterError
 from lmgen.sampling import InvalidScoresError, check_scores
 
@@ -54,7 +54,7 @@ def test_a_lone_surrogate_in_a_python_prompt_is_a_value_error(tiny_gpt2):
 
 
 def _sequence(config: GenerationConfig, vocab: int = 8) -> Sequence:
-    return Sequence([1, 2, 3], config, torch.Generator().manual_seed(0), eos_ids=[vocab - 1])
+    return Continuation([1, 2, 3], config, torch.Generator().manual_seed(0), eos_ids=[vocab - 1])
 
 
 def test_scores_that_overflow_fail_the_sequence_naming_the_parameters():

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import lmgen
-from lmgen.cache import KVCache
-from lmgen.generate import prefill
+from lmgen.cache import KVCache, Span
 
 from .conftest import make_tiny_gpt2, make_tiny_llama
 
@@ -56,10 +55,10 @@ def test_each_cached_step_matches(pair):
     cache = KVCache.for_model(lm.model, n_slots=2, max_len=32)
     slot = 1  # not slot 0, so the slot index is really used
     with torch.inference_mode():
-        first = prefill(lm.model, cache, [ids[:8]], [slot])[0]
+        first = lm.model(torch.tensor([ids[:8]]), cache.plan([Span(0, 8, slot, 0)]), cache)[-1]
         torch.testing.assert_close(first, expected[7], atol=1e-4, rtol=1e-4)
         for pos in range(8, len(ids)):
-            step = lm.model(torch.tensor([[ids[pos]]]), torch.tensor([[pos]]), cache, [slot])[0, -1]
+            step = lm.model(torch.tensor([[ids[pos]]]), cache.plan([Span(0, 1, slot, pos)]), cache)[0]
             torch.testing.assert_close(step, expected[pos], atol=1e-4, rtol=1e-4)
 
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache, Step, make_step
+from ..cache import KVCache, Step
 from ..errors import UnsupportedModelError
 from ..weights.hf import config_value
-from .layers import attention, embedding
+from .layers import CausalLM, attention, embedding
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -131,7 +131,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
         self.mlp = MLP(c)
 
-    def forward(self, x, cache, layer, step):
+    def forward(self, x, context, cache, layer, step):
         x = x + self.attn(self.ln_1(x), cache, layer, step)
         return x + self.mlp(self.ln_2(x))
 
@@ -145,8 +145,8 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
 
 
-class Model(nn.Module):
-    """GPT-2 causal LM: forward(tokens, positions, cache, slots) -> logits; lm_head tied to wte."""
+class Model(CausalLM):
+    """GPT-2 causal LM: forward(tokens, step, cache, rows) -> logits; lm_head tied to wte."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -159,17 +159,13 @@ class Model(nn.Module):
         c = self.config
         return c.n_layer, c.n_head, c.n_embd // c.n_head
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                slots: list[int] | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] for tokens at positions [B, T]; with `last` [B], only at those indices: [B, V]."""
-        return self.run(tokens, make_step(positions, cache, slots), cache, last)
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h
 
-    def run(self, tokens: torch.Tensor, step: Step, cache: KVCache | None = None,
-            last: torch.Tensor | None = None) -> torch.Tensor:
-        """forward() for a prepared Step: the tensor work alone, which torch.compile can capture whole."""
-        x = self.transformer.wte(tokens) + self.transformer.wpe(step.positions)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, step)
-        if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]
+    def embed(self, tokens: torch.Tensor, step: Step):
+        """Token plus position embeddings (no per-layer context)."""
+        return self.transformer.wte(tokens) + self.transformer.wpe(step.positions), None
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.transformer.ln_f(x))

@@ -8,30 +8,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache, Step
+from ..cache import KVCache, Step, causal_step
 from ..errors import UnsupportedModelError
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               cache: KVCache | None, layer: int, step: Step, scale: float | None = None) -> torch.Tensor:
-    """Causal attention for q [B, Hq, T, D] and k, v [B, Hkv, T, D] -> [B, T, Hq*D].
+    """Causal attention for flat tokens: q [1, Hq, N, D] and k, v [1, Hkv, N, D] -> [1, N, Hq*D].
 
-    With a cache, the new keys and values are written first and the attention
-    reads every earlier position of each row's slot.
+    With a cache, the new keys and values are written first (the kernel writes lone tokens' itself); each lone
+    token then attends over its slot up to its position, and each longer span causally over its slot.
     """
-    if step.kernel:  # lone new tokens on the CPU: the kernel writes k, v too
-        out = torch.ops.lmgen.decode_attention(q, k, v, cache.k, cache.v, layer, step.slots, step.positions,
-                                               q.shape[-1] ** -0.5 if scale is None else scale)
-        return out.view(q.shape[0], 1, -1)
-    if cache is not None:
-        k, v = cache.update(layer, step, k, v)
-    if q.is_cuda and q.shape[1] != k.shape[1]:
-        out = grouped_attention(q, k, v, step.mask, scale)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-    b, h, t, d = out.shape
-    return out.transpose(1, 2).reshape(b, t, h * d)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n, hq, d = q.shape[2], q.shape[1], q.shape[3]
+    if cache is None:
+        out = _sdpa(q, k, v, None, scale, causal=True)
+        return out.transpose(1, 2).reshape(1, n, hq * d)
+    if step.write_index is not None:
+        cache.write(layer, step, k, v)
+    if step.all_lone:
+        return _lone(q, k, v, cache, layer, step, scale).view(1, n, hq * d)
+    out = q.new_empty(1, n, hq, d)
+    if step.lone is not None:
+        out[0, step.lone] = _lone(q[:, :, step.lone], k[:, :, step.lone], v[:, :, step.lone], cache, layer, step,
+                                  scale)[:, :, 0]
+    for span in step.spans:
+        if span.count > 1:
+            end = span.first + span.count
+            rows = slice(span.start, span.start + span.count)
+            keys = cache.k[layer, span.slot:span.slot + 1, :, :end].to(q.dtype)
+            values = cache.v[layer, span.slot:span.slot + 1, :, :end].to(q.dtype)
+            mask = None if span.first == 0 else (torch.arange(end, device=q.device)[None, :]
+                                                 <= torch.arange(span.first, end, device=q.device)[:, None])
+            out[0, rows] = _sdpa(q[:, :, rows], keys, values, mask, scale, causal=span.first == 0)[0].transpose(0, 1)
+    return out.view(1, n, hq * d)
+
+
+def _lone(q, k, v, cache: KVCache, layer: int, step: Step, scale: float) -> torch.Tensor:
+    """Attention of B lone tokens (q [1, Hq, B, D]) over their slots -> [B, Hq, 1, D]."""
+    q = q[0].transpose(0, 1)[:, :, None]
+    if step.kernel:
+        return torch.ops.lmgen.decode_attention(q, k[0].transpose(0, 1)[:, :, None], v[0].transpose(0, 1)[:, :, None],
+                                                cache.k, cache.v, layer, step.lone_slots, step.lone_positions, scale)
+    length = step.lone_mask.shape[-1]
+    keys = cache.k[layer][step.lone_slots, :, :length].to(q.dtype)
+    values = cache.v[layer][step.lone_slots, :, :length].to(q.dtype)
+    return _sdpa(q, keys, values, step.lone_mask, scale)
+
+
+def _sdpa(q, k, v, mask, scale, causal=False):
+    if q.is_cuda and q.shape[1] != k.shape[1] and not causal:
+        return grouped_attention(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal and mask is None,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -48,6 +77,28 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     if mask is not None:
         mask = mask.repeat(1, 1, groups, 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).reshape(b, hq, t, d)
+
+
+class CausalLM(nn.Module):
+    """The forward both architectures share: embed, the decoder blocks over the cache, then the head.
+
+    A subclass provides `embed(tokens, step) -> (x, context)`, `blocks` (each called as
+    block(x, context, cache, layer, step)) and `head(x)`.
+    """
+
+    def forward(self, tokens: torch.Tensor, step: Step | None = None, cache: KVCache | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [N, V] for flat tokens [1, N] placed by `step` (one causal sequence without it); with
+        `rows`, only at those rows."""
+        step = step if step is not None else causal_step(tokens.shape[1], tokens.device)
+        x, context = self.embed(tokens, step)
+        for i, block in enumerate(self.blocks):
+            x = block(x, context, cache, i, step)
+        if rows is not None:
+            if not len(rows):  # a prompt piece short of its end: keys and values only
+                return x.new_empty(0, self.config.vocab_size)
+            x = x[:, rows]
+        return self.head(x)[0]
 
 
 def embedding(rows: int, dim: int) -> nn.Embedding:

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache, Step, make_step
+from ..cache import KVCache, Step
 from ..weights.hf import config_value
-from .layers import RMSNorm, apply_rope, attention, embedding, rope_cos_sin, rope_inv_freq
+from .layers import CausalLM, RMSNorm, apply_rope, attention, embedding, rope_cos_sin, rope_inv_freq
 
 # The keys each rope scaling type needs (see layers.rope_inv_freq).
 ROPE_FACTORS = {"linear": ("factor",),
@@ -116,8 +116,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, cache, layer, step):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, step)
+    def forward(self, x, rope, cache, layer, step):
+        x = x + self.self_attn(self.input_layernorm(x), *rope, cache, layer, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -129,8 +129,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
-class Model(nn.Module):
-    """Llama causal LM: forward(tokens, step, cache) -> logits."""
+class Model(CausalLM):
+    """Llama causal LM: forward(tokens, step, cache, rows) -> logits."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -145,18 +145,14 @@ class Model(nn.Module):
         c = self.config
         return c.num_hidden_layers, c.num_key_value_heads, c.head_dim
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                slots: list[int] | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] for tokens at positions [B, T]; with `last` [B], only at those indices: [B, V]."""
-        return self.run(tokens, make_step(positions, cache, slots), cache, last)
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
 
-    def run(self, tokens: torch.Tensor, step: Step, cache: KVCache | None = None,
-            last: torch.Tensor | None = None) -> torch.Tensor:
-        """forward() for a prepared Step: the tensor work alone, which torch.compile can capture whole."""
+    def embed(self, tokens: torch.Tensor, step: Step):
+        """Token embeddings, and the rotary cos and sin every layer uses."""
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(self.inv_freq, step.positions, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, step)
-        if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]
+        return x, rope_cos_sin(self.inv_freq, step.positions, x.dtype)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(x))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..core import CHUNK
 from ..engine import Engine
 from ..lm import LM
 from .app import create_app
@@ -14,14 +15,16 @@ __all__ = ["create_app", "serve"]
 
 def serve(lm: LM, *, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 8, max_waiting: int = 64,
           max_model_len: int | None = None, api_key: str | None = None, max_n: int = 8,
-          max_body: int = 1 << 20, log_level: str = "info", allowed_hosts: list[str] | None = None) -> None:
+          max_body: int = 1 << 20, log_level: str = "info", allowed_hosts: list[str] | None = None,
+          prefill_chunk: int | None = None, prefix_caching: bool = True) -> None:
     """Serve `lm` until SIGINT/SIGTERM; running streams then end with an error chunk instead of hanging.
 
     On a loopback bind only Host headers naming the loopback (and `allowed_hosts`) are answered.
     """
     import uvicorn
 
-    engine = Engine(lm, max_concurrent=max_concurrent, max_waiting=max_waiting, max_model_len=max_model_len)
+    engine = Engine(lm, max_concurrent=max_concurrent, max_waiting=max_waiting, max_model_len=max_model_len,
+                    chunk=prefill_chunk or CHUNK, prefix_caching=prefix_caching)
     app = create_app(engine, api_key=api_key, max_n=max_n, max_body=max_body,
                      allowed_hosts=hosts_for(host, allowed_hosts))
     state = app.state.lmgen
@@ -35,5 +38,5 @@ def serve(lm: LM, *, host: str = "127.0.0.1", port: int = 8000, max_concurrent: 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
     sys.stderr.write(f"lmgen: serving {state.model_id} at http://{host}:{port}/v1 "
-                     f"({max_concurrent} slots, max length {engine.max_model_len})\n")
+                     f"({max_concurrent} slots, max length {engine.max_model_len}, weights: {lm.weights})\n")
     Server(config).run()

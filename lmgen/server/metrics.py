@@ -35,8 +35,11 @@ class Metrics:
         counters = [
             ("prompt_tokens", "Prompt tokens prefilled."),
             ("generated_tokens", "Tokens generated."),
-            ("steps", "Decode steps run."),
-            ("batched_steps", "Decode steps that decoded more than one sequence."),
+            ("steps", "Engine steps run (one forward each)."),
+            ("batched_steps", "Steps that ran more than one sequence."),
+            ("prefix_queries", "Prompts looked up in the prefix cache."),
+            ("prefix_hits", "Prompts that found a cached prefix."),
+            ("prefix_hit_tokens", "Prompt tokens taken from the prefix cache instead of computed."),
             ("requests_finished", "Engine requests that ran to their end."),
             ("requests_cancelled", "Engine requests cancelled (e.g. the client left)."),
             ("requests_failed", "Engine requests that ended with an error."),
@@ -48,7 +51,8 @@ class Metrics:
         gauges = [
             ("running", "lmgen_sequences_running", "Sequences being generated now."),
             ("waiting", "lmgen_sequences_waiting", "Sequences queued for a slot."),
-            ("max_batch", "lmgen_max_batch", "The most sequences one decode step has decoded."),
+            ("max_batch", "lmgen_max_batch", "The most sequences one step has run."),
+            ("kv_cache_bytes", "lmgen_kv_cache_bytes", "Bytes the KV cache holds now."),
         ]
         for key, name, help_text in gauges:
             if key in stats:

@@ -7,11 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from gguf.constants import GGMLQuantizationType
 
 from ..errors import CorruptFileError, UnsupportedModelError
 from ..models.quant import Q4Blocks
 from .gguf_format import GGUFParseError, UnsupportedGGUFVersion, read_gguf
 from .hf import REQUIRED, config_value
+from gguf.constants import GGMLQuantizationType
+
 from .quants import Q4_TYPES, dequantize, q4_codes
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face names, per architecture; {i} is the block.
@@ -103,6 +106,12 @@ class GGUFFile:
                     rms_norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-6),
                     rope_theta=get("rope.freq_base", float, 10000.0), rope_scaling=scaling,
                     tie_word_embeddings="output.weight" not in names)
+
+    def block_type(self) -> str | None:
+        """The quantization of the decoder layers' matrices when every one is Q4_0 or Q4_1 (the native kernels'
+        blocks), else None."""
+        types = {t.tensor_type for t in self.tensor_infos if t.name.startswith("blk.") and len(t.shape) == 2}
+        return GGMLQuantizationType(types.pop()).name if len(types) == 1 and types <= set(Q4_TYPES) else None
 
     def tensors(self, dtype: torch.dtype = torch.float32,
                 keep_q4: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4Blocks]]:
