@@ -10,7 +10,7 @@ import torch
 from . import kernels
 
 BLOCK = 16  # tokens per prefix-cache block: a prompt reuses cached keys a whole block at a time
-MIN_LENGTH = 256  # positions a cache starts with; it doubles as sequences grow
+MIN_LENGTH = 128  # positions a cache starts with; it doubles as sequences grow
 
 
 @dataclass

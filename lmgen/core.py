@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import sampling
+from . import batch_sampler, sampling
 from .beam import Beam, BeamState
 from .cache import KVCache, Span
 from .generate import Continuation, Generation, TokenLogprob, token_logprob
@@ -117,23 +117,47 @@ class Generate(Work):
             return [Event(i, None, "", None, s.result()) for i, s in enumerate(self.seqs)]
         return super().admit(cache)
 
-    def update(self, logits, core):
-        events = []
+    def rows(self, logits: dict[int, torch.Tensor], core: "EngineCore") -> dict[int, torch.Tensor]:
+        """The logits row of each continuation choosing a token this step (the prompt's row serves them all)."""
         if 0 in logits and not self.seqs[0].tokens and len(self.tracks) > 1:
             self.fork(core.cache)  # the prompt is in: every continuation starts from its logits
-            logits = dict.fromkeys(range(len(self.tracks)), logits[0])
-        for i, row in logits.items():
-            s, t = self.seqs[i], self.tracks[i]
-            piece = s.advance(row, self.max_length)
-            t.ids.append(s.tokens[-1])
-            done = s.result() if s.finish_reason is not None else None
-            if done is not None:
-                core.cache.release(t.slot)
-                t.slot, t.held = -1, True
-            events.append(Event(i, s.tokens[-1], piece, s.logprobs[-1] if s.logprobs else None, done))
+            return dict.fromkeys(range(len(self.tracks)), logits[0])
+        return logits
+
+    def accept(self, i: int, token: int, logprob: TokenLogprob | None, core: "EngineCore") -> Event:
+        """Append continuation i's chosen token; its event (with the Generation when it ended)."""
+        s, t = self.seqs[i], self.tracks[i]
+        piece = s.accept(token, logprob, self.max_length)
+        t.ids.append(token)
+        done = s.result() if s.finish_reason is not None else None
+        if done is not None:
+            core.cache.release(t.slot)
+            t.slot, t.held = -1, True
         if all(s.finish_reason is not None for s in self.seqs):
             self.finished = True
+        return Event(i, token, piece, logprob, done)
+
+    def update(self, logits, core):
+        return [ev for _, ev in sample_all([(self, logits)], core)]
+
+
+def sample_all(works: list[tuple[Generate, dict]], core: "EngineCore") -> list[tuple[Work, Event]]:
+    """Choose every continuation's token across these requests in one batched pass; a request whose scores leave
+    no token fails alone."""
+    rows, events = [], []
+    for work, logits in works:
+        rows += [(work, i, row) for i, row in work.rows(logits, core).items()]
+    if not rows:
         return events
+    chosen = batch_sampler.choose([w.seqs[i] for w, i, _ in rows], torch.stack([r for *_, r in rows]))
+    for (work, i, _), result in zip(rows, chosen):
+        if work.finished:
+            continue
+        if isinstance(result, Exception):
+            events += [(work, ev) for ev in work.fail(result, core.cache)]
+        else:
+            events.append((work, work.accept(i, *result, core)))
+    return events
 
 
 class BeamSearch(Work):
@@ -172,7 +196,7 @@ class BeamSearch(Work):
     def _done(self, cache):
         self.close(cache)
         results = self.finish(self.state)
-        return [Event(i, None, "", None, g) for i, g in enumerate(results)]
+        return [Event(i, None, g.text, None, g) for i, g in enumerate(results)]  # the whole text at the end
 
     @property
     def n_outputs(self) -> int:
@@ -321,12 +345,21 @@ class EngineCore:
         by_work: dict[int, tuple[Work, dict]] = {}
         for work, i, row, _ in results:
             by_work.setdefault(id(work), (work, {}))[1][i] = row
-        events = []
+        events, sampled = [], []
         for work, logits in by_work.values():
+            if isinstance(work, Generate):
+                sampled.append((work, logits))
+                continue
             try:
                 events += [(work, ev) for ev in work.update(logits, self)]
-            except Exception as e:  # a bad request (its scores, its stop strings) fails alone
+            except Exception as e:  # a bad request fails alone
                 events += [(work, ev) for ev in work.fail(e, self.cache)]
+        try:
+            events += sample_all(sampled, self)
+        except Exception as e:  # e.g. a stop string's text check: every request of the pass fails, the core goes on
+            for work, _ in sampled:
+                if not work.finished:
+                    events += [(work, ev) for ev in work.fail(e, self.cache)]
         self.stats["generated_tokens"] += sum(ev.token_id is not None for _, ev in events)
         done = [w for w in self.running if w.finished]
         for work in done:

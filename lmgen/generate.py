@@ -60,6 +60,11 @@ class Continuation:
 
     def advance(self, logits: torch.Tensor, max_length: int) -> str:
         """Choose and append the next token from this sequence's logits [V]; return the text it releases."""
+        return self.accept(*self.choose(logits), max_length)
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """The next token from logits [V] through this sequence's own processors (the per-row reference), and its
+        logprob entry when asked for; InvalidScoresError when no token can be chosen."""
         scores = logits
         if self.processors:
             ids = torch.tensor([self.prompt + self.tokens], device=logits.device)
@@ -70,8 +75,20 @@ class Continuation:
         if token is None:
             sample = sampling.sample if c.weighted else sampling.sample_uniform
             token = sample(scores, self.generator)
+        return token, self.logprob_entry(logits, scores, token)
+
+    def logprob_entry(self, logits: torch.Tensor, scores: torch.Tensor, token: int) -> TokenLogprob | None:
+        """The logprob entry for `token` (raw or processed, per logprobs_mode), or None when not asked for."""
+        c = self.config
+        if self.logprobs is None:
+            return None
+        return token_logprob(scores if c.logprobs_mode == "processed" else logits, token, c.logprobs)
+
+    def accept(self, token: int, logprob: TokenLogprob | None, max_length: int) -> str:
+        """Append the chosen token; check EOS, stop strings and length; return the text it releases."""
+        c = self.config
         if self.logprobs is not None:
-            self.logprobs.append(token_logprob(scores if c.logprobs_mode == "processed" else logits, token, c.logprobs))
+            self.logprobs.append(logprob)
         self.tokens.append(token)
         piece = ""
         if token in self.eos:
@@ -85,7 +102,6 @@ class Continuation:
         if self.finish_reason is not None and self.text is not None:
             piece += self.text.finish()
         return piece
-
 
     def result(self) -> Generation:
         """The Generation this continuation has produced so far."""

@@ -213,7 +213,7 @@ static void weight_unit(const weights *w, int64_t u, const int8_t *qx, const flo
     } else {
         const int8_t *wq = w->q8 + u * K;
         for (; i + 4 <= m1; i += 4)
-            q8_rows(wq, w->row_scale[u], qx + i * K, dx + i * nb, nb, 4, 1, y + i * N + u, N);
+            q8_rows(wq, w->row_scale[u], qx + i * K, dx + i * nb, nb, 4, 2, y + i * N + u, N);  /* as one row: the same sums */
         for (; i < m1; i++)
             q8_rows(wq, w->row_scale[u], qx + i * K, dx + i * nb, nb, 1, 2, y + i * N + u, N);
     }

@@ -124,6 +124,18 @@ class ServerState:
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         return requests
 
+    def score(self, ids: list[int], top_n: int) -> list:
+        """A prompt's own token logprobs, computed by the engine among the running requests (blocking)."""
+        try:
+            request = self.engine.submit_score(ids, top_n)
+        except EngineFull as e:
+            raise APIError(429, f"The server is busy ({e}); retry shortly.", type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+        for event in request.events():
+            if event.error is not None:
+                raise self.failure(event.error)
+        return request.work.logprobs
+
     def failure(self, error: Exception) -> APIError:
         """The error for a request the engine ended with an error event."""
         if self.shutting_down or isinstance(error, EngineStopped):
@@ -393,7 +405,7 @@ def _echo(state: ServerState, prompts: list, ids: list[list[int]], choices: list
     """Start each choice with its prompt: the text, and with logprobs each prompt token's (in a worker thread)."""
     for k, (p, i) in enumerate(zip(prompts, ids)):
         text = p if isinstance(p, str) else state.lm.tokenizer.decode(i)
-        entries = echo_logprobs(state.lm, i, logprobs) if logprobs is not None else []
+        entries = echo_logprobs(state.lm, i, state.score(i, logprobs)) if logprobs is not None else []
         for c in choices[k * n:(k + 1) * n]:
             c.text, c.logprobs = text, list(entries)
 

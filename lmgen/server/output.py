@@ -78,13 +78,14 @@ class Choice:
         self.text += event.text
         if event.generation is not None:
             self.finish_reason = event.generation.finish_reason
+            self.tokens = max(self.tokens, len(event.generation.token_ids))  # beam search sends its tokens at the end
         self.logprobs += added
         return added
 
 
-def echo_logprobs(lm, ids: list[int], top_n: int) -> list[tuple[TokenLogprob, int]]:
-    """The prompt's logprob entries with their offsets in its decoded text; the first token's logprob is None."""
-    scored = lm.prompt_logprobs(ids, top_n)
+def echo_logprobs(lm, ids: list[int], scored: list[TokenLogprob | None]) -> list[tuple[TokenLogprob, int]]:
+    """The prompt's logprob entries (`scored`, from prompt scoring) with their offsets in its decoded text; the
+    first token's logprob is None."""
     first = TokenLogprob(ids[0], None)
     # The streaming detokenizer, as generated tokens get theirs: linear, where decoding each prefix is quadratic.
     text, offsets, done = lm.tokenizer.detokenizer(), [], 0

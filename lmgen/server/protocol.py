@@ -10,7 +10,7 @@ from ..params import BOUNDS, MAX_STOP_LENGTH, MAX_STOP_STRINGS, GenerationConfig
 
 # GenerationConfig's names for the fields the API calls otherwise.
 API_NAMES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n", "min_new_tokens": "min_tokens",
-             "eos_token_id": "stop_token_ids"}
+             "eos_token_id": "stop_token_ids", "num_beams": "best_of"}
 
 
 def whole_number(x):
@@ -92,6 +92,12 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
     stop_token_ids: list[TokenId] | None = Field(None, description="Token ids that end generation, besides EOS.")
     include_stop_str_in_output: bool = Field(False, description="Keep the matched stop string in the text.")
+    use_beam_search: bool = Field(False, description="Beam search (vLLM's field): the n best of best_of beams "
+                                  "(or of n), scored as transformers does; deterministic, no sampling.")
+    length_penalty: bounded("length_penalty") = Field(1.0, description=about(
+        "length_penalty", "Beam search: a hypothesis's score is its log-probability over length ** this."))
+    early_stopping: bool | Literal["never"] = Field(False, description="Beam search: stop when n hypotheses are "
+                                                    "done (true), by transformers' heuristic (false), or never.")
 
     def check(self) -> None:
         """Reject field combinations the schema cannot state (ParameterError naming the field)."""
@@ -104,8 +110,15 @@ class SamplingRequest(BaseModel):
         """The GenerationConfig this request asks for; ParameterError (lmgen's or the API's field name) otherwise."""
         self.check()
         temperature = 1.0 if self.temperature is None else self.temperature  # OpenAI's default
+        beams = 1
+        if self.use_beam_search:
+            if logprobs is not None:
+                raise ParameterError("logprobs", "unset with use_beam_search", logprobs,
+                                     message="logprobs are not returned with use_beam_search")
+            beams = max(getattr(self, "best_of", None) or self.n, self.n, 2)
         return GenerationConfig(
-            max_new_tokens=max_tokens, do_sample=True, temperature=temperature, top_p=self.top_p, top_k=self.top_k,
+            num_beams=beams, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
+            max_new_tokens=max_tokens, do_sample=not self.use_beam_search, temperature=temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, typical_p=self.typical_p,
             epsilon_cutoff=self.epsilon_cutoff, eta_cutoff=self.eta_cutoff, repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
@@ -141,7 +154,8 @@ class CompletionRequest(SamplingRequest):
         "token is always among them."))
     echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: the prompt's "
                        "logprobs too).")
-    best_of: Count | None = Field(None, description="Only n (or unset) is supported.")
+    best_of: Count | None = Field(None, description="With use_beam_search the beam width (at least n); "
+                                  "otherwise n or unset.")
     suffix: str | None = Field(None, description="Not supported: must be unset.")
 
     def check(self) -> None:
@@ -149,9 +163,14 @@ class CompletionRequest(SamplingRequest):
         super().check()
         if self.suffix:
             raise ParameterError("suffix", "unset", self.suffix, message="suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ParameterError("best_of", f"n ({self.n}) or unset", self.best_of,
-                                 message=f"best_of must equal n (or be left out), got {self.best_of}")
+        if self.use_beam_search and self.best_of is not None and self.best_of < self.n:
+            raise ParameterError("best_of", f"at least n ({self.n}) with use_beam_search", self.best_of,
+                                 message=f"best_of must be at least n ({self.n}) with use_beam_search, "
+                                         f"got {self.best_of}")
+        if not self.use_beam_search and self.best_of is not None and self.best_of != self.n:
+            raise ParameterError("best_of", f"n ({self.n}) or unset without use_beam_search", self.best_of,
+                                 message=f"best_of must equal n (or be left out) without use_beam_search, "
+                                         f"got {self.best_of}")
 
 
 class ContentPart(BaseModel):

@@ -1,0 +1,163 @@
+"""The batched sampler: every row's next token from logits [B, V] in one pass, with per-row parameter tensors.
+
+It applies transformers' processors in their order (logit bias, repetition penalty, frequency and presence
+penalties, then while sampling temperature, top-k, top-p, min-p and typical-p), each as one tensor operation over
+the rows that use it, then draws every sampled row from its own generator by the inverse CDF, with one read back
+to the host for the batch. The arithmetic is the per-row processors' own (sampling.py), so a seeded row gives the
+same tokens and logprobs as Continuation.choose, which stays as the reference; rows asking for a processor this
+pass has not (no_repeat_ngram_size, bad_words_ids, min_new_tokens, epsilon or eta cutoffs, unweighted draws) go
+through that reference alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import sampling
+from .generate import Continuation, TokenLogprob
+
+NEG_INF = float("-inf")
+
+
+def batched(c) -> bool:
+    """Whether a config's processors are all ones this pass applies."""
+    return (c.weighted and not c.no_repeat_ngram_size and not c.bad_words_ids and not c.min_new_tokens
+            and not (c.sampling and (c.epsilon_cutoff or c.eta_cutoff)))
+
+
+def choose(seqs: Sequence[Continuation], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None] | Exception]:
+    """Each sequence's next token and logprob entry from its row of logits [B, V]; an exception for a row whose
+    scores leave no token to choose (InvalidScoresError, or a bad logit_bias id)."""
+    out: list = [None] * len(seqs)
+    fast = []
+    for i, s in enumerate(seqs):
+        if batched(s.config):
+            fast.append(i)
+        else:
+            out[i] = _reference(s, logits[i])
+    if fast:
+        for i, result in zip(fast, _choose_batched([seqs[i] for i in fast], logits[fast])):
+            out[i] = result
+    return out
+
+
+def _reference(s: Continuation, row: torch.Tensor):
+    try:
+        return s.choose(row)
+    except (sampling.InvalidScoresError, ValueError) as e:
+        return e
+
+
+def _rows(seqs, want) -> list[int]:
+    return [r for r, s in enumerate(seqs) if want(s.config)]
+
+
+def _choose_batched(seqs: list[Continuation], logits: torch.Tensor) -> list:
+    scores = logits.clone()
+    vocab = scores.shape[-1]
+    device = scores.device
+    results: list = [None] * len(seqs)
+
+    def column(rows, value) -> torch.Tensor:
+        return torch.tensor([value(seqs[r].config) for r in rows], dtype=scores.dtype, device=device)[:, None]
+
+    if rows := _rows(seqs, lambda c: c.logit_bias):
+        bias = torch.zeros(len(rows), vocab, dtype=torch.float, device=device)
+        for j, r in enumerate(rows):
+            ids = list(seqs[r].config.logit_bias)
+            if max(ids) >= vocab:
+                results[r] = ValueError(f"logit_bias: token ids {sorted(i for i in ids if i >= vocab)} are outside "
+                                        f"the model's vocabulary of {vocab}")
+                continue
+            bias[j, ids] = torch.tensor([float(v) for v in seqs[r].config.logit_bias.values()], device=device)
+        scores[rows] = scores[rows] + bias.to(scores.dtype)
+    if rows := _rows(seqs, lambda c: c.repetition_penalty is not None and c.repetition_penalty != 1.0):
+        seen = _token_mask(rows, seqs, vocab, device, generated_only=False)
+        sub, penalty = scores[rows], column(rows, lambda c: c.repetition_penalty)
+        scores[rows] = torch.where(seen, torch.where(sub < 0, sub * penalty, sub / penalty), sub)
+    if rows := _rows(seqs, lambda c: c.frequency_penalty or c.presence_penalty):
+        counts = _token_counts(rows, seqs, vocab, device)
+        freq = column(rows, lambda c: c.frequency_penalty).float()
+        pres = column(rows, lambda c: c.presence_penalty).float()
+        scores[rows] = (scores[rows].float() - freq * counts - pres * (counts > 0).float()).to(scores.dtype)
+    _warp(seqs, scores, column)
+
+    sampled = [r for r, s in enumerate(seqs) if s.config.sampling]
+    greedy = scores.argmax(-1)
+    tops = torch.where(torch.tensor([s.config.sampling for s in seqs], device=device), scores.amax(-1),
+                       scores.gather(1, greedy[:, None])[:, 0])
+    finite = torch.isfinite(tops).tolist()
+    tokens = greedy.clone()
+    draw = [r for r in sampled if finite[r] and results[r] is None]
+    if draw:
+        cdf = torch.softmax(scores[draw].double(), dim=-1).cumsum(-1)
+        u = torch.cat([torch.rand((1,), generator=seqs[r].generator, dtype=cdf.dtype, device=device) for r in draw])
+        picks = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True).clamp_(max=vocab - 1)
+        tokens[draw] = picks[:, 0]
+    tokens = tokens.tolist()
+    for r, s in enumerate(seqs):
+        if results[r] is not None:
+            continue
+        if not finite[r]:
+            try:  # the reference check names the parameters at fault
+                sampling.check_scores(logits[r], scores[r], s.config, None if s.config.sampling else tokens[r])
+            except sampling.InvalidScoresError as e:
+                results[r] = e
+                continue
+        results[r] = (tokens[r], s.logprob_entry(logits[r], scores[r], tokens[r]))
+    return results
+
+
+def _warp(seqs, scores: torch.Tensor, column) -> None:
+    """Temperature, top-k, top-p, min-p and typical-p over the sampled rows that ask for each, in place."""
+    vocab = scores.shape[-1]
+    sampled = lambda want: _rows(seqs, lambda c: c.sampling and want(c))  # noqa: E731
+    if rows := sampled(lambda c: c.temperature != 1.0):
+        scores[rows] = scores[rows] / column(rows, lambda c: c.temperature)
+    if rows := sampled(lambda c: c.top_k is not None and c.top_k > 0):
+        ks = [min(max(seqs[r].config.top_k, 1), vocab) for r in rows]
+        sub = scores[rows]
+        top = torch.topk(sub, max(ks)).values
+        kth = top.gather(1, torch.tensor(ks, device=sub.device)[:, None] - 1)
+        scores[rows] = sub.masked_fill(sub < kth, NEG_INF)
+    if rows := sampled(lambda c: c.top_p is not None and c.top_p < 1.0):
+        sub = scores[rows]
+        sorted_scores, order = torch.sort(sub, descending=False)
+        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - column(rows, lambda c: c.top_p))
+        remove[..., -1:] = False
+        scores[rows] = sub.masked_fill(remove.scatter(1, order, remove), NEG_INF)
+    if rows := sampled(lambda c: c.min_p):
+        sub = scores[rows]
+        probs = sub.softmax(dim=-1)
+        remove = probs < column(rows, lambda c: c.min_p) * probs.amax(dim=-1, keepdim=True)
+        top = torch.topk(probs, 1, dim=-1).indices
+        scores[rows] = sub.masked_fill(remove.scatter(-1, top, False), NEG_INF)
+    if rows := sampled(lambda c: c.typical_p is not None and c.typical_p < 1.0):
+        sub = scores[rows]
+        logp = sub.log_softmax(dim=-1)
+        entropy = -(logp * logp.exp()).nansum(-1, keepdim=True)
+        distance, order = torch.sort((-logp - entropy).abs(), descending=False)
+        cumulative = sub.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        last = (cumulative < column(rows, lambda c: c.typical_p)).sum(dim=1).clamp(max=distance.shape[-1] - 1)
+        remove = distance > distance.gather(1, last.view(-1, 1))
+        remove[..., :1] = False
+        scores[rows] = sub.masked_fill(remove.scatter(1, order, remove), NEG_INF)
+
+
+def _padded(rows, seqs, vocab, device, generated_only: bool) -> torch.Tensor:
+    ids = [seqs[r].tokens if generated_only else seqs[r].prompt + seqs[r].tokens for r in rows]
+    width = max(1, max(len(i) for i in ids))
+    return torch.tensor([[min(t, vocab) for t in i] + [vocab] * (width - len(i)) for i in ids], device=device)
+
+
+def _token_mask(rows, seqs, vocab, device, generated_only: bool) -> torch.Tensor:
+    ids = _padded(rows, seqs, vocab, device, generated_only)
+    return torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device).scatter(1, ids, True)[:, :vocab]
+
+
+def _token_counts(rows, seqs, vocab, device) -> torch.Tensor:
+    ids = _padded(rows, seqs, vocab, device, generated_only=True)
+    counts = torch.zeros(len(rows), vocab + 1, device=device)
+    return counts.scatter_add(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
