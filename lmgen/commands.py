@@ -302,7 +302,8 @@ def info(args) -> int:
     args.verbose = False
     lm = _load(args, args.model)
     facts = {"model": lm.name, "architecture": type(lm.model).__module__.rsplit(".", 1)[-1],
-             "parameters": count_parameters(lm.model), "weights": lm.weights, "context_length": lm.context_length, "dtype": str(lm.dtype),
+             "parameters": count_parameters(lm.model), "weights": lm.weights, "context_length": lm.context_length,
+             "dtype": str(lm.dtype),
              "device": str(lm.device), "vocab_size": lm.vocab_size, "eos_token_ids": list(lm.eos_token_ids),
              "chat_template": bool(lm.tokenizer.chat_template)}
     if args.json:

@@ -54,7 +54,10 @@ class Track:
 
 
 class Work:
-    """A request the core runs: its tracks, and what it does with their logits. Subclasses: Generate, BeamSearch, PromptScore."""
+    """A request the core runs: its tracks, and what it does with their logits.
+
+    Subclasses: Generate, BeamSearch, PromptScore.
+    """
 
     cacheable = True  # whether its slots' tokens may be reused by later requests
 
@@ -258,6 +261,7 @@ class EngineCore:
             self.running.remove(work)
             work.close(self.cache)
 
+    @torch.inference_mode()
     def step(self) -> list[tuple[Work, Event]]:
         """Admit what fits, run one forward over every scheduled token, and return the events it produced."""
         events = self._admit()

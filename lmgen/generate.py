@@ -11,6 +11,7 @@ from . import sampling
 from .params import GenerationConfig
 from .stopping import TextTracker
 
+
 @dataclass
 class TokenLogprob:
     """A token's log-probability, and the most likely tokens at its step as (token_id, logprob)."""

@@ -106,6 +106,14 @@ def smollm(embedded_path):
     return lmgen.load(dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def smollm_default(embedded_path):
+    """The embedded model as `lmgen.load()` gives it, as the CLI and the server run it: its Q4_1 blocks, int4 kernels."""
+    import lmgen
+
+    return lmgen.load()
+
+
 @pytest.fixture(scope="session", params=["native", "portable"])
 def ops(request):
     """The kernels as this machine builds them, and as portable C (the path of CPUs without AVX2)."""

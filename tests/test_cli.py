@@ -82,15 +82,16 @@ def test_score_prints_logprobs_and_perplexity(tiny_gpt2_dir, tiny_gpt2):
     assert plain.returncode == 0 and f"perplexity {s.perplexity:.4f}" in plain.stdout
 
 
-def test_chat_two_turns_through_stdin(smollm):
+def test_chat_two_turns_through_stdin(smollm_default):
     turns = ["My name is Zorblax. Say hello to me.", "What is my name?"]
     out = lmgen_cli("chat", "--max-new-tokens", "16", stdin="\n".join(turns) + "\n/quit\n")
     assert out.returncode == 0, out.stderr
     history, expected = [], ""
     for turn in turns:  # the second reply is generated from a prompt holding the first exchange
         history.append({"role": "user", "content": turn})
-        ids = smollm.tokenizer.encode(smollm.tokenizer.apply_chat_template(history), add_special_tokens=False)
-        reply = smollm.generate(ids, max_new_tokens=16)[0].text
+        template = smollm_default.tokenizer.apply_chat_template(history)
+        ids = smollm_default.tokenizer.encode(template, add_special_tokens=False)
+        reply = smollm_default.generate(ids, max_new_tokens=16)[0].text
         history.append({"role": "assistant", "content": reply})
         expected += reply + "\n"
     assert out.stdout == expected

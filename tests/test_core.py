@@ -9,7 +9,7 @@ import torch
 import lmgen
 from lmgen import batch_sampler
 from lmgen.cache import BLOCK, KVCache
-from lmgen.core import CHUNK, EngineCore, Generate, PromptScore
+from lmgen.core import CHUNK, EngineCore, PromptScore
 from lmgen.engine import Engine
 from lmgen.generate import Continuation
 from lmgen.params import GenerationConfig

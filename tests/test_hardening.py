@@ -53,7 +53,7 @@ def test_a_lone_surrogate_in_a_python_prompt_is_a_value_error(tiny_gpt2):
     assert tiny_gpt2.generate("fox \U0001f98a", max_new_tokens=2)[0].token_ids  # a real astral character is fine
 
 
-def _sequence(config: GenerationConfig, vocab: int = 8) -> Sequence:
+def _sequence(config: GenerationConfig, vocab: int = 8) -> Continuation:
     return Continuation([1, 2, 3], config, torch.Generator().manual_seed(0), eos_ids=[vocab - 1])
 
 

@@ -135,7 +135,7 @@ def test_lm_eval_picks_the_server_tokenizer(harness):
     assert ("lm_eval.models.api_models", "Using tokenizer remote") in harness["log"]
 
 
-def test_multiple_choice_loglikelihoods_match_the_model(harness, smollm):
+def test_multiple_choice_loglikelihoods_match_the_model(harness, smollm_default):
     samples = sorted(harness["samples"]["lmgen_mc"], key=lambda s: s["doc_id"])
     assert len(samples) == len(QUESTIONS)
     right = 0
@@ -144,8 +144,8 @@ def test_multiple_choice_loglikelihoods_match_the_model(harness, smollm):
         expected = []
         for (context, continuation), (got, got_greedy) in zip(sample["arguments"], sample["filtered_resps"]):
             assert context == f"Question: {question}\nAnswer:"
-            context_ids, continuation_ids = encode_pair(smollm.tokenizer, context, continuation)
-            steps = smollm.prompt_logprobs(context_ids + continuation_ids, top_n=1)[len(context_ids):]
+            context_ids, continuation_ids = encode_pair(smollm_default.tokenizer, context, continuation)
+            steps = smollm_default.prompt_logprobs(context_ids + continuation_ids, top_n=1)[len(context_ids):]
             total = sum(s.logprob for s in steps)
             assert got == pytest.approx(total, abs=1e-4), (context, continuation)
             # lm-eval's is_greedy: every continuation token is the top one (top_logprobs must hold it).
@@ -155,13 +155,13 @@ def test_multiple_choice_loglikelihoods_match_the_model(harness, smollm):
     assert harness["results"]["lmgen_mc"]["acc,none"] == pytest.approx(right / len(QUESTIONS))
 
 
-def test_generations_match_greedy_decoding(harness, smollm):
+def test_generations_match_greedy_decoding(harness, smollm_default):
     samples = sorted(harness["samples"]["lmgen_gen"], key=lambda s: s["doc_id"])
     assert [s["arguments"][0][0] for s in samples] == GENERATE
-    eos = smollm.tokenizer.decode([smollm.eos_token_ids[0]])
+    eos = smollm_default.tokenizer.decode([smollm_default.eos_token_ids[0]])
     for sample, prompt in zip(samples, GENERATE):
-        ids = smollm.tokenizer.encode(prompt, add_special_tokens=False)  # as lm-eval sent it: token ids
-        alone = smollm.generate(ids, max_new_tokens=MAX_GEN_TOKS, stop=["\n", eos])[0]
+        ids = smollm_default.tokenizer.encode(prompt, add_special_tokens=False)  # as lm-eval sent it: token ids
+        alone = smollm_default.generate(ids, max_new_tokens=MAX_GEN_TOKS, stop=["\n", eos])[0]
         assert sample["filtered_resps"][0] == alone.text
 
 

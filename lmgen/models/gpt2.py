@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache, Step
+from ..cache import Step
 from ..errors import UnsupportedModelError
 from ..weights.hf import config_value
 from .layers import CausalLM, attention, embedding

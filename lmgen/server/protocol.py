@@ -118,8 +118,8 @@ class SamplingRequest(BaseModel):
             beams = max(getattr(self, "best_of", None) or self.n, self.n, 2)
         return GenerationConfig(
             num_beams=beams, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
-            max_new_tokens=max_tokens, do_sample=not self.use_beam_search, temperature=temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, typical_p=self.typical_p,
+            max_new_tokens=max_tokens, do_sample=not self.use_beam_search, temperature=temperature,
+            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, typical_p=self.typical_p,
             epsilon_cutoff=self.epsilon_cutoff, eta_cutoff=self.eta_cutoff, repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size or None, min_new_tokens=self.min_tokens,

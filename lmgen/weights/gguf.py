@@ -13,8 +13,6 @@ from ..errors import CorruptFileError, UnsupportedModelError
 from ..models.quant import Q4Blocks
 from .gguf_format import GGUFParseError, UnsupportedGGUFVersion, read_gguf
 from .hf import REQUIRED, config_value
-from gguf.constants import GGMLQuantizationType
-
 from .quants import Q4_TYPES, dequantize, q4_codes
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face names, per architecture; {i} is the block.
