@@ -108,7 +108,7 @@ def smollm(embedded_path):
 
 @pytest.fixture(scope="session")
 def smollm_default(embedded_path):
-    """The embedded model as `lmgen.load()` gives it, as the CLI and the server run it: its Q4_1 blocks, int4 kernels."""
+    """The embedded model as `lmgen.load()` gives it (its Q4_1 blocks through the int4 kernels), as the CLI runs it."""
     import lmgen
 
     return lmgen.load()
