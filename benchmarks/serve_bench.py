@@ -124,7 +124,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, prompt, max_tokens: in
 
 
 async def stream_all(url: str, jobs: list[tuple[object, int]], concurrency: int | None = None) -> list[dict]:
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)  # a new connection each: no stale reuse
     async with httpx.AsyncClient(limits=limits) as client:
         sem = asyncio.Semaphore(concurrency or len(jobs))
 
@@ -156,7 +156,7 @@ def long_case(server: Server, tokenizer_text: str) -> dict:
     """16 streams running; a 4,000-token prompt arrives: the streams' gaps, and its TTFT busy against idle."""
 
     async def scenario(with_long: bool, busy: bool):
-        limits = httpx.Limits(max_connections=100)
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
         async with httpx.AsyncClient(limits=limits) as client:
             streams = [asyncio.create_task(stream_one(client, server.url, text_of(12, seed=50 + i), 160))
                        for i in range(16 if busy else 0)]

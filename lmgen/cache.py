@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,7 +12,7 @@ import torch
 from . import kernels
 
 BLOCK = 16  # tokens per prefix-cache block: a prompt reuses cached keys a whole block at a time
-MIN_LENGTH = 128  # positions a cache starts with; it doubles as sequences grow
+MIN_LENGTH = 128  # positions a GPU cache starts with; it doubles as sequences grow
 
 
 @dataclass
@@ -58,8 +60,9 @@ class KVCache:
     """Keys and values for up to `n_slots` sequences of up to `max_len` tokens each.
 
     The cache lives outside the model. Each slot holds one sequence; a token at position p writes its keys at index
-    p, so sequences of different lengths decode in one batch. Its length grows (doubling, from MIN_LENGTH) to the
-    longest sequence in use, so memory follows the tokens, not slots times the maximum length.
+    p, so sequences of different lengths decode in one batch. Memory follows the tokens in use, not slots times the
+    maximum length: on the CPU the cache is zeroed pages the OS maps as positions are first written; elsewhere its
+    length grows (doubling, from MIN_LENGTH) to the longest sequence in use.
     """
 
     def __init__(self, n_layers: int, n_slots: int, max_len: int, n_kv_heads: int,
@@ -88,10 +91,12 @@ class KVCache:
             return
         if length > self.max_len:
             raise ValueError(f"position {length - 1} is beyond the cache length {self.max_len}")
-        new = min(self.max_len, max(MIN_LENGTH, 1 << (length - 1).bit_length()))
+        if self._device.type == "cpu":  # the whole length at once: its pages are only taken as tokens use them
+            new = self.max_len
+        else:
+            new = min(self.max_len, max(MIN_LENGTH, 1 << (length - 1).bit_length()))
         n_layers, n_slots, heads, dim = self._shape
-        k = torch.zeros((n_layers, n_slots, heads, new, dim), dtype=self._dtype, device=self._device)
-        v = torch.zeros_like(k)
+        k, v = (_zeros((n_layers, n_slots, heads, new, dim), self._dtype, self._device) for _ in range(2))
         if self.length:
             k[:, :, :, :self.length] = self.k
             v[:, :, :, :self.length] = self.v
@@ -212,6 +217,21 @@ class KVCache:
         rows = step.write_index + layer * (self.k[0].numel() // d)
         self.k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d).to(self.k.dtype))
         self.v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d).to(self.v.dtype))
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on the CPU an anonymous mapping, whose pages the OS provides (zeroed) on first write, so a cache sized
+    for every slot's longest sequence takes memory only for the positions written. Huge pages are turned off for
+    it: one 2 MB page per layer, slot and head would take the memory back."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if size < 1 << 20:
+        return torch.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(region, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 class PrefixIndex:
