@@ -114,7 +114,7 @@ class Engine:
     """The server's engine: a thread stepping an EngineCore; requests are submitted from any thread."""
 
     def __init__(self, lm: LM, *, max_concurrent: int = 8, max_waiting: int = 64, max_model_len: int | None = None,
-                 chunk: int = CHUNK, prefix_caching: bool = True):
+                 chunk: int = CHUNK, prefix_caching: bool = True, own_thread: bool = True):
         if max_concurrent < 1 or max_waiting < 1:
             raise ValueError("max_concurrent and max_waiting must be >= 1")
         self.lm = lm
@@ -128,13 +128,26 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._driven = not own_thread  # run() drives it, from the caller's thread
+        self._exited = threading.Event()
         self._counts = dict(requests_finished=0, requests_cancelled=0, requests_failed=0)
         self._ttft, self._itl = Histogram(TTFT_BUCKETS), Histogram(ITL_BUCKETS)
 
     def start(self) -> None:
-        """Start the scheduler thread."""
-        self._thread = threading.Thread(target=self._loop, name="lmgen-engine", daemon=True)
-        self._thread.start()
+        """Start the scheduler thread (unless run() drives the engine from a thread of the caller's)."""
+        if self._thread is None and not self._driven:
+            self._thread = threading.Thread(target=self._loop, name="lmgen-engine", daemon=True)
+            self._thread.start()
+
+    def run(self) -> None:
+        """Drive the scheduler in this thread until stop(): the thread that loaded the model decodes fastest,
+        since each new thread calling the native kernels brings its own OpenMP team, and two teams on the
+        cores hand them back and forth (about half the tokens/s on 2 cores)."""
+        self._driven = True
+        try:
+            self._loop()
+        finally:
+            self._exited.set()
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig) -> Request:
         """Queue a generation request; raises EngineFull when the queue is full, ParameterError when it cannot fit."""
@@ -188,6 +201,8 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        elif self._driven:
+            self._exited.wait(timeout=30)
         for request in list(self._waiting) + list(self._requests.values()):
             stopped = EngineStopped("engine shutting down")
             request._push([Event(i, None, "", None, None, stopped) for i in range(request.n)], True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from ..core import CHUNK
 from ..engine import Engine
@@ -23,8 +25,9 @@ def serve(lm: LM, *, host: str = "127.0.0.1", port: int = 8000, max_concurrent: 
     """
     import uvicorn
 
+    # The engine runs in this thread, which loaded the model (see Engine.run); HTTP in another.
     engine = Engine(lm, max_concurrent=max_concurrent, max_waiting=max_waiting, max_model_len=max_model_len,
-                    chunk=prefill_chunk or CHUNK, prefix_caching=prefix_caching)
+                    chunk=prefill_chunk or CHUNK, prefix_caching=prefix_caching, own_thread=False)
     app = create_app(engine, api_key=api_key, max_n=max_n, max_body=max_body,
                      allowed_hosts=hosts_for(host, allowed_hosts))
     state = app.state.lmgen
@@ -37,6 +40,21 @@ def serve(lm: LM, *, host: str = "127.0.0.1", port: int = 8000, max_concurrent: 
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
+    server = Server(config)
     sys.stderr.write(f"lmgen: serving {state.model_id} at http://{host}:{port}/v1 "
                      f"({max_concurrent} slots, max length {engine.max_model_len}, weights: {lm.weights})\n")
-    Server(config).run()
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            state.begin_shutdown()  # the server is done (or never started): so is the engine
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    thread = threading.Thread(target=http, name="lmgen-http")
+    thread.start()
+    engine.run()
+    thread.join()
+    if not server.started:
+        raise SystemExit(1)
