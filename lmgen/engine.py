@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import concurrent.futures
 import itertools
 import threading
 import time
@@ -124,6 +125,7 @@ class Engine:
         self.cache.prefix.enabled = prefix_caching
         self.core = EngineCore(lm.model, self.cache, chunk=chunk)
         self._waiting: collections.deque[Request] = collections.deque()  # submitted, not yet in the core
+        self._calls: collections.deque = collections.deque()  # (future, fn, args) to run on the engine's thread
         self._requests: dict[int, Request] = {}  # id(work) -> request, for those in the core
         self._cond = threading.Condition()
         self._stopping = False
@@ -184,6 +186,17 @@ class Engine:
             self._cond.notify()
         return request
 
+    def call(self, fn, *args) -> concurrent.futures.Future:
+        """Run fn(*args) on the engine's thread between steps: forward passes outside the core (the explorer's)
+        belong there, since another thread calling the kernels would slow the engine for good (see run())."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineFull("the engine is shutting down")
+            self._calls.append((future, fn, args))
+            self._cond.notify()
+        return future
+
     def stats(self) -> dict:
         """Counters for /metrics: sequences running and waiting, steps, tokens, prefix cache, latencies."""
         with self._cond:
@@ -203,6 +216,8 @@ class Engine:
             self._thread.join(timeout=30)
         elif self._driven:
             self._exited.wait(timeout=30)
+        for future, _, _ in self._calls:
+            future.cancel()
         for request in list(self._waiting) + list(self._requests.values()):
             stopped = EngineStopped("engine shutting down")
             request._push([Event(i, None, "", None, None, stopped) for i in range(request.n)], True)
@@ -211,7 +226,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self.core.has_work():
+                while not self._stopping and not self._waiting and not self._calls and not self.core.has_work():
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -220,6 +235,13 @@ class Engine:
                     self._requests[id(request.work)] = request
                     self.core.add(request.work)
                 running = list(self._requests.values())
+                calls, self._calls = self._calls, collections.deque()
+            for future, fn, args in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except Exception as e:
+                        future.set_exception(e)
             for request in running:
                 if request.cancelled:
                     self.core.abort(request.work)

@@ -120,3 +120,12 @@ def test_stop_ends_running_streams_with_an_error(tiny_gpt2):
     e.stop()
     rest = list(events)
     assert any(str(ev.error) == "engine shutting down" for ev in rest)
+
+
+def test_calls_run_on_the_engine_thread_between_steps(engine):
+    # Forward passes from other threads would each bring an OpenMP team and slow the engine's kernels for good.
+    request = engine.submit(SEED_IDS, config(max_new_tokens=30, ignore_eos=True))
+    assert engine.call(threading.get_ident).result(timeout=60) == engine._thread.ident
+    with pytest.raises(ZeroDivisionError):
+        engine.call(lambda: 1 / 0).result(timeout=60)
+    assert len(collect(request)[0].token_ids) == 30  # the running request was not disturbed

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from ..engine import EngineFull
 from .errors import APIError
 from .output import clean
 from .protocol import ErrorResponse, TokenIds, whole_number
@@ -98,8 +99,8 @@ def _distribution(lm, body: NextTokenRequest, limit: int) -> tuple[list[int], li
 
 
 def forward_gate(request: Request) -> asyncio.Semaphore:
-    """One forward pass at a time outside the engine (the explorer, echoed prompts' logprobs), so a fast typist or
-    a scoring client cannot crowd out the engine's thread."""
+    """One explorer forward or echoed prompt's scoring at a time (each runs on the engine's thread), so a fast typist
+    or a scoring client cannot crowd out the running requests."""
     gate = getattr(request.app.state, "explorer_gate", None)
     if gate is None:
         gate = request.app.state.explorer_gate = asyncio.Semaphore(1)
@@ -117,8 +118,12 @@ async def next_token(body: NextTokenRequest, request: Request) -> NextTokenRespo
     _check(body, state)
     limit = min(state.lm.context_length, state.engine.max_model_len)
     async with forward_gate(request):
-        # The forward pass runs in a worker thread: the event loop goes on serving other requests.
-        ids, tokens = await asyncio.to_thread(_distribution, state.lm, body, limit)
+        # The forward pass runs on the engine's thread, between its steps: the event loop goes on serving.
+        try:
+            future = state.engine.call(_distribution, state.lm, body, limit)
+        except EngineFull:
+            raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down") from None
+        ids, tokens = await asyncio.wrap_future(future)
     return NextTokenResponse(model=state.model_id, prompt_token_ids=ids, tokens=tokens)
 
 
