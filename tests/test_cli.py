@@ -122,3 +122,11 @@ def test_bad_inputs_get_one_line_and_an_exit_code(args, code, message):
     assert out.returncode == code
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_info_names_the_default_path_of_the_embedded_model(smollm):
+    info = json.loads(lmgen_cli("info", "--json").stdout)
+    assert info["weights"].startswith("int4 kernels on the file's own Q4_1 blocks")
+    unique = {p.data_ptr(): p.numel() for p in smollm.model.parameters()}  # the float32 model, tied once
+    assert info["parameters"] == sum(unique.values())  # quantized layers count by their shape
+    assert smollm.weights == "float32, dequantized from the file"

@@ -211,3 +211,12 @@ def test_a_seeded_request_is_batch_invariant_on_the_default_path(smollm):
         engine.stop()
     assert got == alone
     assert engine.stats()["batched_steps"] > 0
+
+
+def test_metrics_count_prefix_cache_queries_and_hits(server):
+    prompt = " ".join(["lantern"] * 40)
+    for _ in range(2):
+        assert server.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}).status_code == 200
+    metrics = server.metrics()
+    assert metrics["lmgen_prefix_hits_total"] >= 1
+    assert metrics["lmgen_prefix_queries_total"] >= 2 and metrics["lmgen_prefix_hit_tokens_total"] >= 16
