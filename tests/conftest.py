@@ -114,14 +114,22 @@ def smollm_default(embedded_path):
     return lmgen.load()
 
 
-@pytest.fixture(scope="session", params=["native", "portable"])
+@pytest.fixture(scope="session", params=["native", "avx2", "portable"])
 def ops(request):
-    """The kernels as this machine builds them, and as portable C (the path of CPUs without AVX2)."""
+    """The kernels as this machine builds them (with AVX-512 VNNI where it has it), as AVX2 alone, and as portable
+    C (the path of CPUs without AVX2)."""
     from lmgen import kernels
 
     if request.param == "native":
         assert kernels.native(), "the test machine has C and C++ compilers: the native kernels must build"
         return torch.ops.lmgen
+    if request.param == "avx2":
+        with open("/proc/cpuinfo") as f:
+            if "avx2" not in f.read():
+                pytest.skip("this CPU has no AVX2")
+        assert kernels.load("lmgen_avx2", (["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],))
+        assert torch.ops.lmgen_avx2.simd()
+        return torch.ops.lmgen_avx2
     assert kernels.load("lmgen_portable", (["-O2", "-fopenmp"],))
     assert not torch.ops.lmgen_portable.simd()
     return torch.ops.lmgen_portable

@@ -276,3 +276,25 @@ def test_a_kernel_library_that_will_not_load_is_a_warning_not_an_error(monkeypat
     monkeypatch.setattr(kernels, "build", lambda namespace, flag_sets: broken)
     with pytest.warns(UserWarning, match="could not load .*lmgen_broken.so.*int4 layers and decoding attention run"):
         assert kernels.load("lmgen_broken") is False
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_the_vnni_and_avx2_builds_give_the_same_bits(rows):
+    # Both sum a block's byte products exactly (vpdpbusd into int32, maddubs through int16 that cannot overflow),
+    # so the two paths a machine may take agree to the bit, and a row does not depend on the batch it is in.
+    from lmgen import kernels
+
+    with open("/proc/cpuinfo") as f:
+        if "avx2" not in f.read():
+            pytest.skip("this CPU has no AVX2")
+    assert kernels.native() and kernels.load("lmgen_avx2", (["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],))
+    torch.manual_seed(rows)
+    layer, x = int4_linear(quantize_q4(torch.randn(96, 576))), torch.randn(rows, 576)
+    head = int8_head(torch.randn(72, 576))
+    for ops in (torch.ops.lmgen, torch.ops.lmgen_avx2):
+        out = ops.q4_matmul(x, layer.qs, layer.d, layer.m, None), ops.q8_matmul(x, head.qweight, head.scales)
+        if ops is torch.ops.lmgen:
+            want = out
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    alone = torch.ops.lmgen.q4_matmul(x[:1], layer.qs, layer.d, layer.m, None)
+    assert torch.equal(alone[0], want[0][0])

@@ -25,9 +25,15 @@
 #define SIMD 0
 #endif
 
+#if SIMD && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1  /* vpdpbusd: a block's byte products summed straight into int32, the same exact sums */
+#else
+#define VNNI 0
+#endif
+
 #define INLINE static inline __attribute__((always_inline))
 
-int simd(void) { return SIMD; }
+int simd(void) { return SIMD + VNNI; }
 
 static inline float half_to_float(uint16_t h) {
 #if SIMD
@@ -114,14 +120,24 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
             __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             for (int r = 0; r < R; r++) {
                 const int8_t *x = qx + r * K + b * 32 + 4 * j;
+#if VNNI
+                sum[r][0] = _mm256_dpbusd_epi32(sum[r][0], lo, broadcast4(x));
+                sum[r][1] = _mm256_dpbusd_epi32(sum[r][1], hi, broadcast4(x + 16));
+#else
                 sum[r][0] = _mm256_add_epi16(sum[r][0], _mm256_maddubs_epi16(lo, broadcast4(x)));
                 sum[r][1] = _mm256_add_epi16(sum[r][1], _mm256_maddubs_epi16(hi, broadcast4(x + 16)));
+#endif
             }
         }
         __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 8)));
         __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 8)));
         for (int r = 0; r < R; r++) {
+#if VNNI
+            (void)ones;
+            __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(sum[r][0], sum[r][1]));
+#else
             __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(sum[r][0], sum[r][1]), ones));
+#endif
             __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(dx[r * nb + b]));
             acc[r][b & 1] = _mm256_fmadd_ps(dot, scale, acc[r][b & 1]);  /* two chains hide the FMA latency */
             acc[r][b & 1] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[r * nb + b]), acc[r][b & 1]);
@@ -145,7 +161,11 @@ INLINE void q8_rows(const int8_t *w, float scale, const int8_t *qx, const float 
             __m256i wabs = _mm256_sign_epi8(wv, wv);  /* maddubs multiplies unsigned by signed bytes */
             for (int r = 0; r < R; r++) {
                 __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qx + r * K + (b + a) * 32)), wv);
+#if VNNI
+                __m256 p = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, xs));
+#else
                 __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones));
+#endif
                 acc[r][a] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(dx + r * nb + b + a), acc[r][a]);
             }
         }
