@@ -239,7 +239,9 @@ class EngineCore:
     def __init__(self, model: torch.nn.Module, cache: KVCache, *, chunk: int = CHUNK, prompt_budget: int | None = None,
                  decode_one: Callable | None = None):
         self.model, self.cache, self.chunk = model, cache, chunk
-        self.prompt_budget = max(prompt_budget or chunk, chunk)  # at least a whole piece fits
+        # Prompt tokens a step takes beyond its first piece: on a CPU a step costs about its rows, so each prompt
+        # token in it delays every running stream (16: inter-token p99 at llama-server's, BENCHMARKS.md).
+        self.prompt_budget = prompt_budget or chunk // 4
         self.decode_one = decode_one  # a compiled single-sequence step (LM.compile()), for steps of one token
         self.waiting: collections.deque[Work] = collections.deque()
         self.running: list[Work] = []
@@ -301,7 +303,7 @@ class EngineCore:
             for i, t in enumerate(work.tracks):
                 if t.pending > 1:
                     n = min(t.pending, self.chunk - t.computed % self.chunk)
-                    if n > budget:
+                    if n > budget and budget < self.prompt_budget:  # the first piece always goes in
                         return out
                     out.append((work, i, n))
                     budget -= n
