@@ -176,6 +176,8 @@ def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant
             continue
         if isinstance(tensor, quant.Q4Blocks):
             tensor = quant.dequantize_q4(tensor)
+        elif isinstance(tensor, quant.Q8Blocks):
+            tensor = quant.dequantize_q8(tensor)
         state[name] = tensor.to(device=device, dtype=dtype)
     embed = arch.EMBEDDING.rpartition(".")[0]
     if arch.ties_embeddings(cfg) and not any(k.startswith("lm_head.") for k in state):

@@ -8,7 +8,7 @@
  *   qs: 128 bytes; byte 32j + 4r + t (j, t < 4, r < 8) holds code 4j + t of row 8g + r in its low nibble
  *       and code 16 + 4j + t in its high nibble (within a row, GGUF's order: byte i holds codes i, i + 16);
  *   d, m: 8 float16s, the block's scale and offset for rows 8g .. 8g + 7.
- * q8_matmul: W is int8 [N, K] with one float scale per row.
+ * q8_matmul: W is int8 [N, K] with a float scale per block of 32 inputs (GGUF's Q8_0 blocks).
  * The activations are quantized to 8 bits per block of 32 (as llama.cpp's Q8_1), so each block's dot
  * product is an integer sum: w . x = d * dx * sum(q * qx) + m * sx, with sx = dx * sum(qx).
  * Plain C, with an AVX2 path. lmgen/kernels/__init__.py builds it at first use (with -ffp-contract=off: the
@@ -146,8 +146,8 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
     for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * ldo, _mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
-/* out[r * ldo] = scale * (int8 W row . x row r) for R rows */
-INLINE void q8_rows(const int8_t *w, float scale, const int8_t *qx, const float *dx, int64_t nb, const int R,
+/* out[r * ldo] = int8 W row . x row r for R rows, W with a scale per block of 32 (ws, as GGUF's Q8_0) */
+INLINE void q8_rows(const int8_t *w, const float *ws, const int8_t *qx, const float *dx, int64_t nb, const int R,
                     const int A, float *out, int64_t ldo) {
     const int64_t K = nb * 32;
     const __m256i ones = _mm256_set1_epi16(1);
@@ -166,13 +166,13 @@ INLINE void q8_rows(const int8_t *w, float scale, const int8_t *qx, const float 
 #else
                 __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones));
 #endif
-                acc[r][a] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(dx + r * nb + b + a), acc[r][a]);
+                acc[r][a] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx[r * nb + b + a] * ws[b + a]), acc[r][a]);
             }
         }
     }
     for (int r = 0; r < R; r++) {
         for (int a = 1; a < A; a++) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][a]);
-        out[r * ldo] = scale * hsum(acc[r][0]);
+        out[r * ldo] = hsum(acc[r][0]);
     }
 }
 #else
@@ -195,7 +195,7 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
         }
 }
 
-INLINE void q8_rows(const int8_t *w, float scale, const int8_t *qx, const float *dx, int64_t nb, const int R,
+INLINE void q8_rows(const int8_t *w, const float *ws, const int8_t *qx, const float *dx, int64_t nb, const int R,
                     const int A, float *out, int64_t ldo) {
     (void)A;
     for (int r = 0; r < R; r++) {
@@ -204,9 +204,9 @@ INLINE void q8_rows(const int8_t *w, float scale, const int8_t *qx, const float 
         for (int64_t b = 0; b < nb; b++) {
             int isum = 0;
             for (int j = 0; j < 32; j++) isum += w[b * 32 + j] * x[b * 32 + j];
-            sum += dx[r * nb + b] * (float)isum;
+            sum += dx[r * nb + b] * ws[b] * (float)isum;
         }
-        out[r * ldo] = scale * sum;
+        out[r * ldo] = sum;
     }
 }
 #endif
@@ -215,7 +215,7 @@ typedef struct {
     const uint8_t *qs;           /* 4-bit codes, or NULL for int8 rows */
     const uint16_t *d, *m;       /* 4-bit block scales and offsets */
     const int8_t *q8;            /* int8 rows */
-    const float *row_scale;      /* their scales */
+    const float *block_scale;    /* their scales, one per block of 32 */
 } weights;
 
 /* the rows [m0, m1) of y for weight unit u: a group of 8 rows (4-bit) or one row (int8) */
@@ -232,10 +232,11 @@ static void weight_unit(const weights *w, int64_t u, const int8_t *qx, const flo
             q4_group(wq, wd, wm, qx + i * K, dx + i * nb, sx + i * nb, nb, 1, y + i * N + u * 8, N);
     } else {
         const int8_t *wq = w->q8 + u * K;
+        const float *ws = w->block_scale + u * nb;
         for (; i + 4 <= m1; i += 4)
-            q8_rows(wq, w->row_scale[u], qx + i * K, dx + i * nb, nb, 4, 2, y + i * N + u, N);  /* as one row: the same sums */
+            q8_rows(wq, ws, qx + i * K, dx + i * nb, nb, 4, 2, y + i * N + u, N);  /* as one row: the same sums */
         for (; i < m1; i++)
-            q8_rows(wq, w->row_scale[u], qx + i * K, dx + i * nb, nb, 1, 2, y + i * N + u, N);
+            q8_rows(wq, ws, qx + i * K, dx + i * nb, nb, 1, 2, y + i * N + u, N);
     }
 }
 
@@ -270,8 +271,8 @@ int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16
     return matmul(x, &w, bias, y, M, N, K);
 }
 
-/* y[M,N] = x[M,K] @ W^T for int8 rows with float scales. Returns 0, or -1 when out of memory. */
-int q8_matmul(const float *x, const int8_t *q8, const float *row_scale, float *y, int64_t M, int64_t N, int64_t K) {
-    const weights w = {NULL, NULL, NULL, q8, row_scale};
+/* y[M,N] = x[M,K] @ W^T for int8 rows with a float scale per block of 32. Returns 0, or -1 when out of memory. */
+int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, float *y, int64_t M, int64_t N, int64_t K) {
+    const weights w = {NULL, NULL, NULL, q8, block_scale};
     return matmul(x, &w, NULL, y, M, N, K);
 }

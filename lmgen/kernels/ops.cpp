@@ -16,7 +16,7 @@ extern "C" {
 int simd(void);
 int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias, float *y,
               int64_t M, int64_t N, int64_t K);
-int q8_matmul(const float *x, const int8_t *q8, const float *row_scale, float *y, int64_t M, int64_t N, int64_t K);
+int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, float *y, int64_t M, int64_t N, int64_t K);
 int decode_attention(const float *q, const float *k, const float *v, const int64_t *slots, const int64_t *positions,
                      float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale);
 }
@@ -65,8 +65,8 @@ at::Tensor q8(const at::Tensor &x, const at::Tensor &q, const at::Tensor &scales
     check_input("q8_matmul", x);
     const int64_t n = q.size(0), k = x.size(1);
     check_weight("q8_matmul", q, at::kChar, n, k);
-    TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat && scales.numel() == n,
-                "q8_matmul: scales must be float32 [", n, "]");
+    TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat && scales.numel() == n * (k / 32),
+                "q8_matmul: scales must be float32 [", n, ", ", k / 32, "], one per block of 32");
     at::Tensor xc = x.contiguous(), y = q8_meta(xc, q, scales);
     const int rc = q8_matmul(xc.data_ptr<float>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(),
                              y.data_ptr<float>(), xc.size(0), n, k);

@@ -3,8 +3,8 @@
 `int4`: each decoder-layer linear keeps 4-bit weights in blocks of 32 inputs, w = d * q + m with float16 d
 and m, which holds GGUF Q4_0 and Q4_1 blocks exactly. Any number of rows (decoding or a prompt) goes
 through lmgen's native kernel (lmgen/kernels/matmul.c: 8-bit activations, integer dot products, as llama.cpp
-does). The embedding and the output layer keep 8-bit rows with one scale each, multiplied by the same
-native kernel. Without a C compiler, torch does it all.
+does). The embedding and the output layer keep 8-bit rows with a scale per block of 32 (a GGUF's Q8_0 blocks
+exactly), multiplied by the same native kernel. Without a C compiler, torch does it all.
 """
 
 from __future__ import annotations
@@ -111,30 +111,47 @@ def _interleave(t: torch.Tensor, back: bool = False) -> torch.Tensor:
     return t.reshape(shape).transpose(1, 2).reshape(n, b).contiguous()
 
 
+class Q8Blocks(NamedTuple):
+    """8-bit weights [N, K] with a scale per block of 32 inputs: w = d * q (GGUF's Q8_0)."""
+
+    q: torch.Tensor  # int8 [N, K]
+    d: torch.Tensor  # float32 [N, K // GROUP]
+
+
+def quantize_q8(w: torch.Tensor) -> Q8Blocks:
+    """Symmetric 8-bit blocks of 32 from float weights [N, K], a slice of rows at a time (low peak memory); one
+    block per row when K is not a multiple of 32."""
+    n, k = w.shape
+    group = GROUP if k % GROUP == 0 else k
+    q, d = torch.empty(w.shape, dtype=torch.int8), torch.empty(n, k // group)
+    for start in range(0, n, 4096):
+        rows = w[start:start + 4096].float().reshape(-1, k // group, group)
+        s = (rows.abs().amax(-1) / 127).clamp_(min=1e-12)
+        q[start:start + 4096] = (rows / s[..., None]).round_().clamp_(-127, 127).reshape(-1, k)
+        d[start:start + 4096] = s
+    return Q8Blocks(q, d)
+
+
 class Int8Rows(nn.Module):
-    """8-bit weight rows [N, K] with one scale per row: an embedding table, an output layer, or both (tied)."""
+    """8-bit weight rows [N, K] with a scale per block of 32 inputs (a GGUF's Q8_0 blocks kept as they are):
+    an embedding table, an output layer, or both (tied)."""
 
     def __init__(self, rows: int, dim: int):
         super().__init__()
         self.register_buffer("qweight", torch.empty(rows, dim, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(rows))
+        self.register_buffer("scales", torch.empty(rows, dim // GROUP if dim % GROUP == 0 else 1))
 
     @staticmethod
-    def state(w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Symmetric per-row quantization of float weights [N, K], a slice of rows at a time (low peak memory)."""
-        q = torch.empty(w.shape, dtype=torch.int8)
-        scales = torch.empty(w.shape[0])
-        for start in range(0, w.shape[0], 4096):
-            rows = w[start:start + 4096].float()
-            s = (rows.abs().amax(-1) / 127).clamp_(min=1e-12)
-            q[start:start + 4096] = (rows / s[:, None]).round_().clamp_(-127, 127)
-            scales[start:start + 4096] = s
-        return {"qweight": q, "scales": scales}
+    def state(w: "torch.Tensor | Q8Blocks") -> dict[str, torch.Tensor]:
+        """The buffers for float weights [N, K] (quantized in blocks of 32) or a file's 8-bit blocks (exactly)."""
+        blocks = w if isinstance(w, Q8Blocks) else quantize_q8(w)
+        return {"qweight": blocks.q, "scales": blocks.d.float().contiguous()}
 
     def dequantized(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 weight, or only the given rows."""
         q, s = (self.qweight, self.scales) if rows is None else (self.qweight[rows], self.scales[rows])
-        return q.float() * s[..., None]
+        blocks = s.shape[-1]
+        return (q.float().unflatten(-1, (blocks, -1)) * s[..., None]).flatten(-2)
 
 
 class Int8Embedding(Int8Rows):
@@ -159,8 +176,9 @@ class Int8Linear(Int8Rows):
         x2 = x.reshape(-1, x.shape[-1])
         if self.native:
             y = torch.ops.lmgen.q8_matmul(x2.float(), self.qweight, self.scales).to(x.dtype)
-        elif x2.shape[0] <= TORCH_INT8_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.qweight, self.scales.bfloat16()).to(x.dtype)
+        elif x2.shape[0] <= TORCH_INT8_ROWS and self.scales.shape[1] == 1:  # torch's kernel takes a scale per row
+            scales = self.scales[:, 0].bfloat16()
+            y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.qweight, scales).to(x.dtype)
         else:
             y = x2 @ self.dequantized().to(x.dtype).t()
         return y.view(*x.shape[:-1], -1)
@@ -203,6 +221,8 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 def quantized_state(module: nn.Module, name: str, weight) -> dict[str, torch.Tensor]:
     """The state entries for a swapped-in module `name` from its checkpoint weight (float or Q4Blocks)."""
+    if isinstance(weight, Q8Blocks) and not isinstance(module, Int8Rows):
+        weight = dequantize_q8(weight)
     if isinstance(module, Int4Linear):
         if not isinstance(weight, Q4Blocks):  # GGUF blocks are always [out, in]
             weight = quantize_q4(weight.t() if module.checkpoint_transposed else weight)
@@ -212,6 +232,12 @@ def quantized_state(module: nn.Module, name: str, weight) -> dict[str, torch.Ten
             weight = dequantize_q4(weight)
         parts = Int8Rows.state(weight)
     return {f"{name}.{k}": v for k, v in parts.items()}
+
+
+def dequantize_q8(blocks: Q8Blocks) -> torch.Tensor:
+    """Float32 weights [N, K] from 8-bit blocks."""
+    n, k = blocks.q.shape
+    return (blocks.q.float().view(n, -1, k // blocks.d.shape[1]) * blocks.d[..., None]).view(n, k)
 
 
 def cat_rows(parts: list) -> "torch.Tensor | Q4Blocks":

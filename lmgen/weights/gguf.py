@@ -10,10 +10,10 @@ import torch
 from gguf.constants import GGMLQuantizationType
 
 from ..errors import CorruptFileError, UnsupportedModelError
-from ..models.quant import Q4Blocks
+from ..models.quant import Q4Blocks, Q8Blocks
 from .gguf_format import GGUFParseError, UnsupportedGGUFVersion, read_gguf
 from .hf import REQUIRED, config_value
-from .quants import Q4_TYPES, dequantize, q4_codes
+from .quants import Q4_TYPES, dequantize, q4_codes, q8_codes
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face names, per architecture; {i} is the block.
 TENSOR_NAMES = {
@@ -114,7 +114,8 @@ class GGUFFile:
     def tensors(self, dtype: torch.dtype = torch.float32,
                 keep_q4: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4Blocks]]:
         """Yield (Hugging Face name, dequantized tensor) one at a time; with keep_q4, Q4_0/Q4_1 matrices
-        come as their 4-bit blocks ([out, in] for every architecture) instead."""
+        come as their 4-bit blocks ([out, in] for every architecture) instead, and Q8_0 embedding and output
+        rows as their 8-bit blocks."""
         table = _name_table(TENSOR_NAMES[self.arch])
         cfg = self.config()
         for t in self.tensor_infos:
@@ -122,9 +123,15 @@ class GGUFFile:
             if hf is None:
                 raise UnsupportedModelError(f"{self.path}: unexpected tensor {t.name!r} for {self.arch}")
             blocks = keep_q4 and t.tensor_type in Q4_TYPES and len(t.shape) == 2
+            # the embedding and output rows, [vocab, hidden] in every architecture, keep Q8_0 blocks too
+            rows = keep_q4 and t.tensor_type == GGMLQuantizationType.Q8_0 and hf in ROW_TENSORS
             try:
-                w = (Q4Blocks(*q4_codes(t.data, t.tensor_type, t.shape)) if blocks
-                     else dequantize(t.data, t.tensor_type, t.shape, dtype=dtype))
+                if blocks:
+                    w = Q4Blocks(*q4_codes(t.data, t.tensor_type, t.shape))
+                elif rows:
+                    w = Q8Blocks(*q8_codes(t.data, t.shape))
+                else:
+                    w = dequantize(t.data, t.tensor_type, t.shape, dtype=dtype)
             except (UnsupportedModelError, CorruptFileError) as e:
                 raise type(e)(f"{self.path}: tensor {t.name}: {e}") from None
             heads = None
@@ -138,6 +145,9 @@ class GGUFFile:
                 w = w.t().contiguous()
             t.release()  # w holds its own copy now
             yield hf, w
+
+
+ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
 
 
 def _name_table(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:

@@ -188,6 +188,14 @@ def _checked_bytes(data: torch.Tensor | np.ndarray, qt: T, shape: tuple[int, ...
 Q4_TYPES = (T.Q4_0, T.Q4_1)
 
 
+def q8_codes(data: torch.Tensor | np.ndarray, shape: tuple[int, int]):
+    """A Q8_0 matrix as (codes int8 [N, K], d float32 [N, K/32]): w = d * q."""
+    block, type_size = GGML_QUANT_SIZES[T.Q8_0]
+    n, k = (int(s) for s in shape)
+    b = _checked_bytes(data, T.Q8_0, (n, k)).view(-1, type_size)
+    return _int8(b, 2, 34).reshape(n, k).clone(), _f16(b, 0).reshape(n, k // block)
+
+
 def q4_codes(data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int]):
     """A Q4_0 or Q4_1 matrix as (codes uint8 [N, K], d, m float32 [N, K/32]): w = d * q + m."""
     qt = T(int(qtype))
