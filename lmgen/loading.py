@@ -92,20 +92,21 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     dt = parse_dtype(dtype, dev)
     check_quantize(quantize, dev)
     path = resolve(source)
+    gguf = None if path.is_dir() else GGUFFile(path)  # opened once: its metadata takes ~60 ms to read
+    blocks = gguf.block_type() if gguf is not None else None
     # Fast by default: a GGUF of Q4_0/Q4_1 blocks runs on them, as llama.cpp does, unless a dtype is asked for.
-    default = dtype is None and quantize is None and dev.type == "cpu" and not path.is_dir()
-    if default and GGUFFile(path).block_type() is not None:
+    default = dtype is None and quantize is None and dev.type == "cpu" and gguf is not None
+    if default and blocks is not None:
         quantize = "int4"
     with _loading_malloc():
-        lm = _load(path, source, dt, dev, quantize, progress)
-    lm.weights = describe_weights(path, dt, quantize, default)
+        lm = _load(path, gguf, source, dt, dev, quantize, progress)
+    lm.weights = describe_weights(path, blocks, dt, quantize, default)
     return lm
 
 
-def describe_weights(path: Path, dtype: torch.dtype, quantize: str | None, default: bool) -> str:
-    """Which path a model's weights take, in words (`lmgen info`, `-v`)."""
+def describe_weights(path: Path, blocks: str | None, dtype: torch.dtype, quantize: str | None, default: bool) -> str:
+    """Which path a model's weights take, in words (`lmgen info`, `-v`); `blocks` is GGUFFile.block_type()."""
     name = str(dtype).removeprefix("torch.")
-    blocks = None if path.is_dir() else GGUFFile(path).block_type()
     if quantize == "int4":
         kept = f"the file's own {blocks} blocks" if blocks else "4-bit blocks quantized at load"
         how = "the default for this file; dtype float32 for the dequantized reference" if default else "quantize int4"
@@ -116,14 +117,13 @@ def describe_weights(path: Path, dtype: torch.dtype, quantize: str | None, defau
                                                    " (its block types have no native kernel here)")
 
 
-def _load(path: Path, source, dt: torch.dtype, dev: torch.device, quantize: str | None,
+def _load(path: Path, gguf: GGUFFile | None, source, dt: torch.dtype, dev: torch.device, quantize: str | None,
           progress: Progress | None) -> LM:
-    if path.is_dir():
+    if gguf is None:
         config = hf.read_config(path)
         tokenizer = tokenizer_from_folder(path)
         tensors, total = hf.read_tensors(path), None
     else:
-        gguf = GGUFFile(path)
         config = gguf.config()
         tokenizer = tokenizer_from_gguf(gguf.metadata)
         tensors, total = gguf.tensors(dt, keep_q4=quantize == "int4"), len(gguf.tensor_infos)
