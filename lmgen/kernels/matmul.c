@@ -109,7 +109,10 @@ INLINE __m256i broadcast4(const int8_t *x) {  /* 4 activation bytes into every 3
 INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, const int8_t *qx, const float *dx,
                      const float *sx, int64_t nb, const int R, float *out, int64_t ldo) {
     const int64_t K = nb * 32;
-    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(15);
+#if !VNNI
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
     __m256 acc[R][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, wq += 128) {
@@ -133,7 +136,6 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
         __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 8)));
         for (int r = 0; r < R; r++) {
 #if VNNI
-            (void)ones;
             __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(sum[r][0], sum[r][1]));
 #else
             __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(sum[r][0], sum[r][1]), ones));
@@ -150,7 +152,9 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
 INLINE void q8_rows(const int8_t *w, const float *ws, const int8_t *qx, const float *dx, int64_t nb, const int R,
                     const int A, float *out, int64_t ldo) {
     const int64_t K = nb * 32;
+#if !VNNI
     const __m256i ones = _mm256_set1_epi16(1);
+#endif
     __m256 acc[R][A];
     for (int r = 0; r < R; r++)
         for (int a = 0; a < A; a++) acc[r][a] = _mm256_setzero_ps();
