@@ -66,24 +66,24 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, n_slots: int, max_len: int, n_kv_heads: int,
-                 head_dim: int, *, dtype: torch.dtype = torch.float32, device="cpu", length: int | None = None):
+                 head_dim: int, *, dtype: torch.dtype = torch.float32, device="cpu"):
         self.n_slots, self.max_len = n_slots, max_len
         self._shape = (n_layers, n_slots, n_kv_heads, head_dim)
         self.k = self.v = torch.empty(0)
         self.length = 0
         self._dtype, self._device = dtype, torch.device(device)
-        self.ensure(length or min(max_len, MIN_LENGTH))
+        self.ensure(min(max_len, MIN_LENGTH))
         # lone new tokens can go through lmgen's decode kernel (Step.kernel)
         self.decode_kernel = self.k.device.type == "cpu" and dtype == torch.float32 and kernels.native()
         self._free = list(range(n_slots))  # least recently used first
         self.prefix = PrefixIndex(n_slots)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype=None, **kw) -> "KVCache":
+    def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype=None) -> "KVCache":
         """A cache shaped for `model` (which exposes `cache_shape()`), on its device."""
         n_layers, n_kv_heads, head_dim = model.cache_shape()
         p = next(model.parameters())
-        return cls(n_layers, n_slots, max_len, n_kv_heads, head_dim, dtype=dtype or p.dtype, device=p.device, **kw)
+        return cls(n_layers, n_slots, max_len, n_kv_heads, head_dim, dtype=dtype or p.dtype, device=p.device)
 
     def ensure(self, length: int) -> None:
         """Grow every slot to hold at least `length` positions (a power of two, at most max_len)."""
@@ -103,7 +103,7 @@ class KVCache:
         self.k, self.v, self.length = k, v, new
 
     def nbytes(self) -> int:
-        """Bytes the keys and values take now."""
+        """Bytes reserved for the keys and values (on the CPU the OS provides them as positions are first written)."""
         return self.k.numel() * self.k.element_size() * 2
 
     @property
@@ -147,8 +147,7 @@ class KVCache:
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (shared prompts)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self.reorder([dst], [src], length)
 
     def reorder(self, slots: list[int], sources: list[int], length: int) -> None:
         """Set slots[i] to a copy of sources[i] for the first `length` positions (beam search)."""

@@ -310,9 +310,9 @@ class EngineCore:
         return out
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Work, int, int]]) -> list[tuple[Work, int, torch.Tensor, int]]:
-        """One forward over the scheduled tokens; (request, track index, logits, first position) for each track
-        that needs logits: [V] at a track's last token, or [n, V] at every token for scoring."""
+    def execute(self, scheduled: list[tuple[Work, int, int]]) -> list[tuple[Work, int, object]]:
+        """One forward over the scheduled tokens; (request, track index, logits) for each track that needs them:
+        [V] at a track's last token, or for scoring ([n, V] at every token, the first one's position)."""
         spans, tokens, rows, wants = [], [], [], []
         for work, i, n in scheduled:
             t = work.tracks[i]
@@ -323,7 +323,7 @@ class EngineCore:
                 wants.append((work, i, slice(len(rows), len(rows) + n), t.computed))
                 rows += range(start, start + n)
             elif t.computed + n == len(t.ids):
-                wants.append((work, i, len(rows), t.computed))
+                wants.append((work, i, len(rows), None))
                 rows.append(start + n - 1)
         device = self.cache.k.device
         if self.decode_one is not None and len(spans) == 1 and spans[0].count == 1:
@@ -337,19 +337,19 @@ class EngineCore:
         logits = logits.float()
         for work, i, n in scheduled:
             t = work.tracks[i]
+            self.stats["prompt_tokens"] += min(n, max(0, len(work.prompt) - t.computed))
             t.computed += n
             if work.cacheable:
                 self.cache.prefix.record(t.slot, t.ids[:t.computed])
-            self.stats["prompt_tokens"] += max(0, min(n, len(work.prompt) - t.computed + n))
         self.stats["steps"] += 1
         self.stats["batched_steps"] += len(spans) > 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(spans))
-        return [(w, i, (logits[r], first) if isinstance(r, slice) else logits[r], first) for w, i, r, first in wants]
+        return [(w, i, logits[r] if first is None else (logits[r], first)) for w, i, r, first in wants]
 
     def update(self, results) -> list[tuple[Work, Event]]:
         """Hand each request its logits; collect the events and drop finished requests."""
         by_work: dict[int, tuple[Work, dict]] = {}
-        for work, i, row, _ in results:
+        for work, i, row in results:
             by_work.setdefault(id(work), (work, {}))[1][i] = row
         events, sampled = [], []
         for work, logits in by_work.values():

@@ -191,14 +191,13 @@ class LM:
         base_seed + index0 (config.seed, or a random seed)."""
         if config.num_beams > 1:
             return beam_work(ids, config, self.eos_token_ids, max_length, self.tokenizer.decode)
-        if base_seed is None:
-            base_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()))
-        seqs = continuations(ids, config, config.num_return_sequences, base_seed, self.eos_token_ids,
+        seed = _base_seed(config, base_seed)
+        seqs = continuations(ids, config, config.num_return_sequences, seed, self.eos_token_ids,
                              self.tokenizer.detokenizer, index0, self.device)
         return Generate(ids, seqs, max_length)
 
     def _works(self, prompts: list[list[int]], config: GenerationConfig) -> list[Work]:
-        base_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()))
+        base_seed = _base_seed(config)  # one per request: sequence i samples from base_seed + i
         n = max(config.num_return_sequences, config.num_beams)
         self.core(len(prompts) * n)
         return [self.work(ids, config, self.context_length, k * n, base_seed) for k, ids in enumerate(prompts)]
@@ -244,6 +243,13 @@ def lone_surrogate(text: str) -> int | None:
     """The index of the first lone UTF-16 surrogate in text, or None (text is valid Unicode)."""
     m = None if text.isascii() else _SURROGATE.search(text)
     return m.start() if m else None
+
+
+def _base_seed(config: GenerationConfig, given: int | None = None) -> int:
+    """`given`, else the config's seed, else a random one."""
+    if given is not None:
+        return given
+    return config.seed if config.seed is not None else int(torch.randint(2**62, ()))
 
 
 def _prompt_list(prompt) -> list:

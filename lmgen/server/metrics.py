@@ -52,7 +52,8 @@ class Metrics:
             ("running", "lmgen_sequences_running", "Sequences being generated now."),
             ("waiting", "lmgen_sequences_waiting", "Sequences queued for a slot."),
             ("max_batch", "lmgen_max_batch", "The most sequences one step has run."),
-            ("kv_cache_bytes", "lmgen_kv_cache_bytes", "Bytes the KV cache holds now."),
+            ("kv_cache_bytes", "lmgen_kv_cache_bytes",
+             "Bytes reserved for the KV cache (on the CPU, taken as positions are first written)."),
         ]
         for key, name, help_text in gauges:
             if key in stats:
