@@ -116,6 +116,7 @@ def test_models_and_info(tiny_gpt2_dir):
     (["generate", "hi", "--model", "./no/such/model"], 1, "does not exist"),
     (["probs", "hi", "--top", "0"], 2, "--top must be >= 1"),
     (["generate", "hi", "--temperature", "warm"], 2, "invalid float value"),
+    (["serve", "--prefill-chunk", "0"], 2, "--prefill-chunk must be >= 1"),
 ])
 def test_bad_inputs_get_one_line_and_an_exit_code(args, code, message):
     out = lmgen_cli(*args)

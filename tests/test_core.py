@@ -220,3 +220,17 @@ def test_metrics_count_prefix_cache_queries_and_hits(server):
     metrics = server.metrics()
     assert metrics["lmgen_prefix_hits_total"] >= 1
     assert metrics["lmgen_prefix_queries_total"] >= 2 and metrics["lmgen_prefix_hit_tokens_total"] >= 16
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"use_beam_search": True, "n": 2, "best_of": 4, "logprobs": 1}, "logprobs",
+     "logprobs are not returned with use_beam_search"),
+    ({"n": 2, "best_of": 3}, "best_of", "best_of must equal n (or be left out) without use_beam_search, got 3"),
+    ({"use_beam_search": True, "n": 3, "best_of": 2}, "best_of",
+     "best_of must be at least n (3) with use_beam_search, got 2"),
+])
+def test_beam_search_requests_the_server_refuses_name_their_field(server, body, param, message):
+    r = server.post("/v1/completions", json={"prompt": SEED_PROMPT, "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"]
