@@ -15,6 +15,7 @@ from . import models
 from .errors import CorruptFileError, ModelNotFoundError
 from .lm import LM
 from .models import quant
+from .models.fused import FusedLayers
 from .tokenizer import Tokenizer, gpt2_tokenizer, tokenizer_from_folder
 from .weights import hf
 from .weights.gguf import GGUFFile
@@ -188,7 +189,10 @@ def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant
     except RuntimeError as e:
         raise CorruptFileError(f"{source}: the weights do not fit the {config['model_type']} config: "
                                f"{_first_lines(str(e))}", source) from None
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    if swaps and FusedLayers.fits(model):
+        model.fused = FusedLayers(model)
+    return model
 
 
 def fuse_linears(tensors: Iterable[tuple[str, object]], fused: dict[str, tuple[str, ...]],

@@ -1,6 +1,7 @@
 // matmul.c's and attention.c's kernels as torch operators (lmgen::q4_matmul, q8_matmul, decode_attention): one
 // dispatcher call from eager code or from a torch.compile graph, with shape checks, and Meta kernels so the
-// compiler can trace them.
+// compiler can trace them. With block.c's steps they also make whole Llama decoder layers on 4-bit weights
+// (layer_in, layer_out, and decode_layers: every layer of a decoding step in one call, no Python between).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -19,6 +20,10 @@ int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16
 int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, float *y, int64_t M, int64_t N, int64_t K);
 int decode_attention(const float *q, const float *k, const float *v, const int64_t *slots, const int64_t *positions,
                      float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale);
+void rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t K, float eps);
+void rope(float *x, const float *cos, const float *sin, int64_t M, int64_t stride, int64_t heads, int64_t D);
+void silu_mul(const float *gu, float *y, int64_t M, int64_t I);
+void add_into(float *y, const float *x, int64_t n);
 }
 
 namespace {
@@ -125,6 +130,99 @@ at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor 
     return out;
 }
 
+// A Llama decoder layer's weights, in this order (lmgen/models/fused.py builds the list): the input norm;
+// qkv_proj's qs, d, m and bias (an empty tensor: none); o_proj's four; the post-attention norm; gate_up_proj's
+// four; down_proj's four.
+constexpr int64_t LAYER_PARTS = 18;
+enum { IN_NORM = 0, QKV = 1, O = 5, POST_NORM = 9, GATE_UP = 10, DOWN = 14 };
+
+at::Tensor linear(const at::Tensor &x, const at::Tensor *w) {
+    std::optional<at::Tensor> bias;
+    if (w[3].numel()) bias = w[3];
+    return q4(x, w[0], w[1], w[2], bias);
+}
+
+void check_rows(const char *op, const char *name, const at::Tensor &t, int64_t rows, int64_t cols) {
+    TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.scalar_type() == at::kFloat && t.size(0) == rows &&
+                    t.size(1) == cols,
+                op, ": ", name, " must be contiguous float32 [", rows, ", ", cols, "], got ", t.scalar_type(), " ",
+                t.sizes());
+}
+
+at::Tensor norm(const at::Tensor &x, const at::Tensor &w, double eps) {
+    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kFloat && w.numel() == x.size(1),
+                "rms_norm: the weight must be float32 [", x.size(1), "]");
+    at::Tensor y = at::empty(x.sizes(), x.options());
+    rms_norm(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), (float)eps);
+    return y;
+}
+
+const at::Tensor *layer_parts(const char *op, at::TensorList w, int64_t layer) {
+    TORCH_CHECK((layer + 1) * LAYER_PARTS <= (int64_t)w.size(), op, ": expected ", LAYER_PARTS,
+                " weight parts a layer, got ", w.size(), " for layer ", layer);
+    return w.data() + layer * LAYER_PARTS;
+}
+
+// q, k and v [M, (Hq + 2 Hkv) D] for x [M, hidden]: RMSNorm, qkv_proj, then the first `rotated` heads rotated
+at::Tensor in_step(const at::Tensor &x, const at::Tensor *w, double eps, const at::Tensor &cos, const at::Tensor &sin,
+                   int64_t rotated) {
+    check_rows("layer_in", "x", x, x.size(0), x.size(1));
+    at::Tensor qkv = linear(norm(x, w[IN_NORM], eps), w + QKV);
+    const int64_t d = cos.size(-1);
+    check_rows("layer_in", "cos", cos, x.size(0), d);
+    check_rows("layer_in", "sin", sin, x.size(0), d);
+    TORCH_CHECK(d % 2 == 0 && rotated * d <= qkv.size(1), "layer_in: ", rotated, " heads of ", d,
+                " don't fit rows of ", qkv.size(1));
+    rope(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), x.size(0), qkv.size(1), rotated, d);
+    return qkv;
+}
+
+// the layer's output for its input x and attention output attn [M, Hq D]: x + o_proj(attn), then its MLP
+at::Tensor out_step(const at::Tensor &x, const at::Tensor &attn, const at::Tensor *w, double eps) {
+    check_rows("layer_out", "x", x, x.size(0), x.size(1));
+    at::Tensor h = linear(attn, w + O);
+    check_rows("layer_out", "o_proj's output", h, x.size(0), x.size(1));
+    add_into(h.data_ptr<float>(), x.data_ptr<float>(), x.numel());
+    at::Tensor gu = linear(norm(h, w[POST_NORM], eps), w + GATE_UP);
+    const int64_t inner = gu.size(1) / 2;
+    at::Tensor act = at::empty({x.size(0), inner}, x.options());
+    silu_mul(gu.data_ptr<float>(), act.data_ptr<float>(), x.size(0), inner);
+    at::Tensor y = linear(act, w + DOWN);
+    add_into(y.data_ptr<float>(), h.data_ptr<float>(), h.numel());
+    return y;
+}
+
+at::Tensor layer_in(const at::Tensor &x, at::TensorList w, double eps, const at::Tensor &cos, const at::Tensor &sin,
+                    int64_t rotated) {
+    return in_step(x, layer_parts("layer_in", w, 0), eps, cos, sin, rotated);
+}
+
+at::Tensor layer_out(const at::Tensor &x, const at::Tensor &attn, at::TensorList w, double eps) {
+    return out_step(x, attn, layer_parts("layer_out", w, 0), eps);
+}
+
+// Every layer of a step whose rows are all lone tokens (one per sequence, at slots and positions): each
+// layer's in_step, its keys and values written and attended over by decode_attention, then its out_step.
+at::Tensor decode_layers(const at::Tensor &x, at::TensorList w, double eps, const at::Tensor &cos,
+                         const at::Tensor &sin, int64_t n_heads, at::Tensor &k_cache, at::Tensor &v_cache,
+                         const at::Tensor &slots, const at::Tensor &positions, double scale) {
+    TORCH_CHECK(w.size() % LAYER_PARTS == 0, "decode_layers: expected ", LAYER_PARTS, " weight parts a layer, got ",
+                w.size());
+    TORCH_CHECK(k_cache.dim() == 5, "decode_layers: the caches must be [layers, slots, Hkv, S, D]");
+    const int64_t b = x.size(0), hkv = k_cache.size(2), d = k_cache.size(4), layers = w.size() / LAYER_PARTS;
+    at::Tensor h = x;
+    for (int64_t l = 0; l < layers; l++) {
+        const at::Tensor *parts = w.data() + l * LAYER_PARTS;
+        at::Tensor qkv = in_step(h, parts, eps, cos, sin, n_heads + hkv);
+        at::Tensor q = qkv.narrow(1, 0, n_heads * d).view({b, n_heads, 1, d});
+        at::Tensor k = qkv.narrow(1, n_heads * d, hkv * d).view({b, hkv, 1, d});
+        at::Tensor v = qkv.narrow(1, (n_heads + hkv) * d, hkv * d).view({b, hkv, 1, d});
+        at::Tensor a = attention(q, k, v, k_cache, v_cache, l, slots, positions, scale);
+        h = out_step(h, a.view({b, n_heads * d}), parts, eps);
+    }
+    return h;
+}
+
 bool vectorized() { return simd() != 0; }
 
 }  // namespace
@@ -134,6 +232,10 @@ TORCH_LIBRARY(LMGEN_OPS, lib) {
     lib.def("q8_matmul(Tensor x, Tensor q, Tensor scales) -> Tensor");
     lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
             "Tensor slots, Tensor positions, float scale) -> Tensor");
+    lib.def("layer_in(Tensor x, Tensor[] layer, float eps, Tensor cos, Tensor sin, int rotated) -> Tensor");
+    lib.def("layer_out(Tensor x, Tensor attn, Tensor[] layer, float eps) -> Tensor");
+    lib.def("decode_layers(Tensor x, Tensor[] weights, float eps, Tensor cos, Tensor sin, int n_heads, "
+            "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor positions, float scale) -> Tensor");
     lib.def("simd() -> bool", &vectorized);
 }
 
@@ -141,6 +243,9 @@ TORCH_LIBRARY_IMPL(LMGEN_OPS, CPU, lib) {
     lib.impl("q4_matmul", &q4);
     lib.impl("q8_matmul", &q8);
     lib.impl("decode_attention", &attention);
+    lib.impl("layer_in", &layer_in);
+    lib.impl("layer_out", &layer_out);
+    lib.impl("decode_layers", &decode_layers);
 }
 
 TORCH_LIBRARY_IMPL(LMGEN_OPS, Meta, lib) {

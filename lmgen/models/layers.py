@@ -83,8 +83,11 @@ class CausalLM(nn.Module):
     """The forward both architectures share: embed, the decoder blocks over the cache, then the head.
 
     A subclass provides `embed(tokens, step) -> (x, context)`, `blocks` (each called as
-    block(x, context, cache, layer, step)) and `head(x)`.
+    block(x, context, cache, layer, step)) and `head(x)`. `fused`, when set, runs all the blocks at once
+    (models/fused.py: the int4 Llama layers as native calls).
     """
+
+    fused = None
 
     def forward(self, tokens: torch.Tensor, step: Step | None = None, cache: KVCache | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,8 +95,11 @@ class CausalLM(nn.Module):
         `rows`, only at those rows."""
         step = step if step is not None else causal_step(tokens.shape[1], tokens.device)
         x, context = self.embed(tokens, step)
-        for i, block in enumerate(self.blocks):
-            x = block(x, context, cache, i, step)
+        if self.fused is not None and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            x = self.fused(x, context, cache, step)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, context, cache, i, step)
         if rows is not None:
             if not len(rows):  # a prompt piece short of its end: keys and values only
                 return x.new_empty(0, self.config.vocab_size)
