@@ -18,6 +18,9 @@ from .tokenizer import Tokenizer
 
 Prompt = str | list[int]
 COMPILED_SLOTS = 4  # a compiled LM's core keeps this many slots, so batches up to it reuse the compiled graph
+# Prompt tokens a step of LM's own core takes: a call's prompts all arrive together, and no other stream waits on
+# them (the server's core keeps EngineCore's small default, for its running streams' inter-token times).
+PROMPT_BUDGET = 1024
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \ud800 escapes decode to these; no tokenizer takes them
 
 
@@ -182,7 +185,7 @@ class LM:
         if c is None or c.cache.n_slots < n_slots or c.has_work():
             c = self._core = None  # free the old cache first
             cache = KVCache.for_model(self.model, max(n_slots, 1), self.context_length)
-            c = self._core = EngineCore(self.model, cache, decode_one=self._compiled)
+            c = self._core = EngineCore(self.model, cache, prompt_budget=PROMPT_BUDGET, decode_one=self._compiled)
         return c
 
     def work(self, ids: list[int], config: GenerationConfig, max_length: int, index0: int = 0,

@@ -95,12 +95,12 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     path = resolve(source)
     gguf = None if path.is_dir() else GGUFFile(path)  # opened once: its metadata takes ~60 ms to read
     blocks = gguf.block_type() if gguf is not None else None
-    # Fast by default: a GGUF of Q4_0/Q4_1 blocks runs on them, as llama.cpp does, unless a dtype is asked for.
+    # Fast by default: a GGUF of Q4_0/Q4_1/Q8_0 blocks runs on them, as llama.cpp does, unless a dtype is asked for.
     default = dtype is None and quantize is None and dev.type == "cpu" and gguf is not None
     if default and blocks is not None:
         quantize = "int4"
     with _loading_malloc():
-        lm = _load(path, gguf, source, dt, dev, quantize, progress)
+        lm = _load(path, gguf, source, dt, dev, quantize, progress, keep_q8=default)
     lm.weights = describe_weights(path, blocks, dt, quantize, default)
     return lm
 
@@ -109,9 +109,11 @@ def describe_weights(path: Path, blocks: str | None, dtype: torch.dtype, quantiz
     """Which path a model's weights take, in words (`lmgen info`, `-v`); `blocks` is GGUFFile.block_type()."""
     name = str(dtype).removeprefix("torch.")
     if quantize == "int4":
-        kept = f"the file's own {blocks} blocks" if blocks else "4-bit blocks quantized at load"
+        own = blocks if default else blocks and blocks.replace("/Q8_0", "").replace("Q8_0", "")  # int4 rounds Q8_0
+        kept = f"the file's own {own} blocks" if own else "4-bit blocks quantized at load"
+        kernels = {"Q8_0": "int8"}.get(own, "int4 and int8" if own and "Q8_0" in own else "int4")
         how = "the default for this file; dtype float32 for the dequantized reference" if default else "quantize int4"
-        return f"int4 kernels on {kept} ({how})"
+        return f"{kernels} kernels on {kept} ({how})"
     if path.is_dir():
         return f"{name} ({name} matmuls)"
     return f"{name}, dequantized from the file" + ("" if blocks or not default else
@@ -119,7 +121,7 @@ def describe_weights(path: Path, blocks: str | None, dtype: torch.dtype, quantiz
 
 
 def _load(path: Path, gguf: GGUFFile | None, source, dt: torch.dtype, dev: torch.device, quantize: str | None,
-          progress: Progress | None) -> LM:
+          progress: Progress | None, keep_q8: bool = False) -> LM:
     if gguf is None:
         config = hf.read_config(path)
         tokenizer = tokenizer_from_folder(path)
@@ -127,10 +129,10 @@ def _load(path: Path, gguf: GGUFFile | None, source, dt: torch.dtype, dev: torch
     else:
         config = gguf.config()
         tokenizer = tokenizer_from_gguf(gguf.metadata)
-        tensors, total = gguf.tensors(dt, keep_q4=quantize == "int4"), len(gguf.tensor_infos)
+        tensors, total = gguf.tensors(dt, keep_blocks=quantize == "int4"), len(gguf.tensor_infos)
     if progress is not None:
         tensors = _counted(tensors, total, progress)
-    model = build_model(config, tensors, dt, dev, source=path, quantize=quantize)
+    model = build_model(config, tensors, dt, dev, source=path, quantize=quantize, keep_q8=keep_q8)
     return LM(model, tokenizer, name=str(source) if source is not None else DEFAULT_MODEL_FILE,
               eos_token_ids=_eos_ids(config, tokenizer))
 
@@ -156,10 +158,12 @@ def check_quantize(quantize: str | None, device: torch.device) -> None:
 
 
 def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant.Q4Blocks"]], dtype: torch.dtype,
-                device: torch.device, source: object = None, quantize: str | None = None) -> torch.nn.Module:
+                device: torch.device, source: object = None, quantize: str | None = None,
+                keep_q8: bool = False) -> torch.nn.Module:
     """Build the architecture on the meta device and assign the weights (no second copy).
 
-    With `quantize`, the quantized layers are swapped in first and fed from the same checkpoint names.
+    With `quantize`, the quantized layers are swapped in first and fed from the same checkpoint names; with
+    `keep_q8` too, a decoder linear given Q8_0 blocks keeps them (8-bit rows) instead of rounding them to 4 bits.
     """
     arch = models.architecture(config.get("model_type"), source)
     cfg = arch.Config.from_hf(config, path=_config_file(source))
@@ -173,6 +177,8 @@ def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant
             continue
         module = name.rpartition(".")[0]
         if module in swaps and name.endswith(".weight"):
+            if keep_q8:
+                swaps[module] = quant.for_blocks(model, module, swaps[module], tensor)
             state.update(quant.quantized_state(swaps[module], module, tensor))
             continue
         if isinstance(tensor, quant.Q4Blocks):

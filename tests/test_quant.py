@@ -215,7 +215,7 @@ def test_int4_model_from_float_weights_tracks_float32(arch, tiny_llama_dir, tiny
 def test_gguf_q4_blocks_are_kept_not_requantized(tiny_llama_dir, tmp_path):
     path = tmp_path / "q4.gguf"
     write_gguf(tiny_llama_dir, path, (Q.Q4_1, Q.Q4_0))
-    fast, ref = lmgen.load(path, quantize="int4"), lmgen.load(path)
+    fast, ref = lmgen.load(path, quantize="int4"), lmgen.load(path, dtype="float32")
     for name, m in fast.model.named_modules():
         if not isinstance(m, Int4Linear):
             continue
@@ -305,3 +305,23 @@ def test_the_default_path_keeps_the_files_q8_0_embedding_blocks_exactly(smollm, 
     assert embed.scales.shape == (49152, 576 // 32)
     assert torch.equal(embed.dequantized(), smollm.model.model.embed_tokens.weight)  # the file's values, bit for bit
     assert smollm_default.model.lm_head.qweight.data_ptr() == embed.qweight.data_ptr()  # still tied
+
+
+def test_a_q8_0_gguf_runs_on_its_own_blocks_by_default(tiny_llama_dir, tmp_path):
+    path = tmp_path / "q8.gguf"
+    write_gguf(tiny_llama_dir, path, Q.Q8_0)
+    fast, ref = lmgen.load(path), lmgen.load(path, dtype="float32")
+    assert fast.weights.startswith("int8 kernels on the file's own Q8_0 blocks (the default")
+    linears = {n: m for n, m in fast.model.named_modules() if isinstance(m, Int8Linear) and n != "lm_head"}
+    assert len(linears) == 4 * fast.model.config.num_hidden_layers  # qkv, o, gate_up, down: none rounded to 4 bits
+    for name, m in linears.items():  # the file's codes and scales, kept exactly
+        assert torch.equal(m.dequantized(), ref.model.get_submodule(name).weight), name
+    assert fast.model.fused is not None  # the native layers take 8-bit linears too
+    ids = fast.encode(SEED_PROMPT + " and the lazy dog slept in the sun")
+    got, want = fast.logits(ids), ref.logits(ids)
+    # only the activations' rounding to 8 bits differs (as in the int4 test above)
+    torch.testing.assert_close(got, want, atol=0.1 * float(want.abs().max()), rtol=0.05)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    explicit = lmgen.load(path, quantize="int4")  # asked for: 4-bit blocks, quantized at load
+    assert isinstance(explicit.model.model.layers[0].mlp.down_proj, Int4Linear)
+    assert explicit.weights.startswith("int4 kernels on 4-bit blocks quantized at load (quantize int4)")

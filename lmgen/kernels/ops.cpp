@@ -131,15 +131,22 @@ at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor 
 }
 
 // A Llama decoder layer's weights, in this order (lmgen/models/fused.py builds the list): the input norm;
-// qkv_proj's qs, d, m and bias (an empty tensor: none); o_proj's four; the post-attention norm; gate_up_proj's
-// four; down_proj's four.
+// qkv_proj's qs, d, m and bias (an empty tensor: none), or for 8-bit rows q, scales, (empty), bias; o_proj's four;
+// the post-attention norm; gate_up_proj's four; down_proj's four.
 constexpr int64_t LAYER_PARTS = 18;
 enum { IN_NORM = 0, QKV = 1, O = 5, POST_NORM = 9, GATE_UP = 10, DOWN = 14 };
 
 at::Tensor linear(const at::Tensor &x, const at::Tensor *w) {
     std::optional<at::Tensor> bias;
     if (w[3].numel()) bias = w[3];
-    return q4(x, w[0], w[1], w[2], bias);
+    if (w[0].scalar_type() != at::kChar) return q4(x, w[0], w[1], w[2], bias);
+    at::Tensor y = q8(x, w[0], w[1]);  // 8-bit rows and their block scales (w[2] unused)
+    if (bias) {
+        TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == y.size(1),
+                    "q8 linear: bias must be float32 [", y.size(1), "]");
+        for (int64_t i = 0; i < y.size(0); i++) add_into(y.data_ptr<float>() + i * y.size(1), bias->data_ptr<float>(), y.size(1));
+    }
+    return y;
 }
 
 void check_rows(const char *op, const char *name, const at::Tensor &t, int64_t rows, int64_t cols) {

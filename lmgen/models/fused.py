@@ -1,4 +1,4 @@
-"""Llama decoder layers on 4-bit weights as native calls (lmgen/kernels/ops.cpp): the default path's layers.
+"""Llama decoder layers on 4-bit (or Q8_0) weights as native calls (lmgen/kernels/ops.cpp): the default path's layers.
 
 A step of lone tokens (every sequence decoding) runs all the layers in one call, decode_layers, with no Python
 between them; any other step (prompt pieces among them) runs each layer as layer_in, the shared attention
@@ -15,24 +15,30 @@ from .. import kernels
 from ..cache import KVCache, Step
 from .layers import RMSNorm, attention
 from .llama import DecoderLayer
-from .quant import Int4Linear
+from .quant import Int4Linear, Int8Linear
 
 
-def _linear_parts(linear: Int4Linear) -> list[torch.Tensor]:
+def _linear_parts(linear: Int4Linear | Int8Linear) -> list[torch.Tensor]:
     bias = torch.empty(0) if linear.bias is None else linear.bias.detach().float().contiguous()
+    if isinstance(linear, Int8Linear):
+        return [linear.qweight, linear.scales, torch.empty(0), bias]
     return [linear.qs, linear.d, linear.m, bias]
+
+
+def _native_linear(m: nn.Module) -> bool:
+    return isinstance(m, Int4Linear) or (isinstance(m, Int8Linear) and m.native)
 
 
 def _fits(b: nn.Module) -> bool:
     norms = (getattr(b, "input_layernorm", None), getattr(b, "post_attention_layernorm", None))
     return (isinstance(b, DecoderLayer) and all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32
                                                 and n.weight.is_cpu for n in norms)
-            and all(isinstance(lin, Int4Linear) for lin in (b.self_attn.qkv_proj, b.self_attn.o_proj,
-                                                            b.mlp.gate_up_proj, b.mlp.down_proj)))
+            and all(map(_native_linear, (b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj,
+                                         b.mlp.down_proj))))
 
 
 class FusedLayers:
-    """x [1, N, hidden] -> x after every decoder layer of a Llama model whose linears are Int4Linear."""
+    """x [1, N, hidden] -> x after every decoder layer of a Llama model on 4-bit or 8-bit block linears."""
 
     def __init__(self, model: nn.Module, ops=None):
         self.ops = ops or torch.ops.lmgen  # a test passes another build's namespace
@@ -47,7 +53,7 @@ class FusedLayers:
 
     @staticmethod
     def fits(model: nn.Module) -> bool:
-        """Whether `model` (a Llama, weights loaded) can run on these calls: int4 linears, native kernels, CPU."""
+        """Whether `model` (a Llama, weights loaded) can run on these calls: block linears, native kernels, CPU."""
         blocks = getattr(model, "blocks", None)
         if not blocks or not kernels.native():
             return False

@@ -4,7 +4,8 @@
 and m, which holds GGUF Q4_0 and Q4_1 blocks exactly. Any number of rows (decoding or a prompt) goes
 through lmgen's native kernel (lmgen/kernels/matmul.c: 8-bit activations, integer dot products, as llama.cpp
 does). The embedding and the output layer keep 8-bit rows with a scale per block of 32 (a GGUF's Q8_0 blocks
-exactly), multiplied by the same native kernel. Without a C compiler, torch does it all.
+exactly), multiplied by the same native kernel, as do a decoder's linears that the file stores as Q8_0.
+Without a C compiler, torch does it all.
 """
 
 from __future__ import annotations
@@ -117,6 +118,10 @@ class Q8Blocks(NamedTuple):
     q: torch.Tensor  # int8 [N, K]
     d: torch.Tensor  # float32 [N, K // GROUP]
 
+    def map_rows(self, fn) -> "Q8Blocks":
+        """The same blocks with `fn` applied to the row order of each part."""
+        return Q8Blocks(fn(self.q), fn(self.d))
+
 
 def quantize_q8(w: torch.Tensor) -> Q8Blocks:
     """Symmetric 8-bit blocks of 32 from float weights [N, K], a slice of rows at a time (low peak memory); one
@@ -166,11 +171,12 @@ class Int8Embedding(Int8Rows):
 
 
 class Int8Linear(Int8Rows):
-    """An output layer (no bias) on 8-bit rows."""
+    """A linear layer on 8-bit rows: an output layer, or a decoder layer's Q8_0 matrix as the file has it."""
 
-    def __init__(self, rows: int, dim: int):
+    def __init__(self, rows: int, dim: int, bias: bool = False):
         super().__init__(rows, dim)
         self.native = dim % 32 == 0 and kernels.native()  # the kernel takes blocks of 32 inputs
+        self.bias = nn.Parameter(torch.empty(rows)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -181,6 +187,8 @@ class Int8Linear(Int8Rows):
             y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.qweight, scales).to(x.dtype)
         else:
             y = x2 @ self.dequantized().to(x.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], -1)
 
 
@@ -219,14 +227,27 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def for_blocks(model: nn.Module, name: str, module: nn.Module, weight) -> nn.Module:
+    """The module to hold checkpoint `weight` at `name`: an int4 layer given a file's Q8_0 blocks becomes an 8-bit
+    one (swapped in on the meta device), so they are kept exactly rather than rounded to 4 bits."""
+    if not (isinstance(module, Int4Linear) and isinstance(weight, Q8Blocks) and module.in_features % GROUP == 0):
+        return module
+    with torch.device("meta"):
+        new = Int8Linear(module.out_features, module.in_features, bias=module.bias is not None)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return new
+
+
 def quantized_state(module: nn.Module, name: str, weight) -> dict[str, torch.Tensor]:
-    """The state entries for a swapped-in module `name` from its checkpoint weight (float or Q4Blocks)."""
+    """The state entries for a swapped-in module `name` from its checkpoint weight (float, Q4Blocks or Q8Blocks,
+    blocks always [out, in])."""
     if isinstance(weight, Q8Blocks) and not isinstance(module, Int8Rows):
         weight = dequantize_q8(weight)
+    elif isinstance(module, Int4Linear) and not isinstance(weight, Q4Blocks) and module.checkpoint_transposed:
+        weight = weight.t()  # GPT-2's float Conv1D weights are [in, out]
     if isinstance(module, Int4Linear):
-        if not isinstance(weight, Q4Blocks):  # GGUF blocks are always [out, in]
-            weight = quantize_q4(weight.t() if module.checkpoint_transposed else weight)
-        parts = Int4Linear.state(weight)
+        parts = Int4Linear.state(weight if isinstance(weight, Q4Blocks) else quantize_q4(weight))
     else:
         if isinstance(weight, Q4Blocks):
             weight = dequantize_q4(weight)
@@ -240,8 +261,10 @@ def dequantize_q8(blocks: Q8Blocks) -> torch.Tensor:
     return (blocks.q.float().view(n, -1, k // blocks.d.shape[1]) * blocks.d[..., None]).view(n, k)
 
 
-def cat_rows(parts: list) -> "torch.Tensor | Q4Blocks":
-    """Stack weights along their output rows; 4-bit blocks stay blocks when every part is one."""
-    if all(isinstance(p, Q4Blocks) for p in parts):
-        return Q4Blocks(*(torch.cat(c) for c in zip(*parts)))
-    return torch.cat([dequantize_q4(p) if isinstance(p, Q4Blocks) else p for p in parts])
+def cat_rows(parts: list) -> "torch.Tensor | Q4Blocks | Q8Blocks":
+    """Stack weights along their output rows; blocks stay blocks when every part is the same kind."""
+    for kind in (Q4Blocks, Q8Blocks):
+        if all(isinstance(p, kind) for p in parts):
+            return kind(*(torch.cat(c) for c in zip(*parts)))
+    dequantized = {Q4Blocks: dequantize_q4, Q8Blocks: dequantize_q8}
+    return torch.cat([dequantized[type(p)](p) if type(p) in dequantized else p for p in parts])

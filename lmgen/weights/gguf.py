@@ -13,7 +13,7 @@ from ..errors import CorruptFileError, UnsupportedModelError
 from ..models.quant import Q4Blocks, Q8Blocks
 from .gguf_format import GGUFParseError, UnsupportedGGUFVersion, read_gguf
 from .hf import REQUIRED, config_value
-from .quants import Q4_TYPES, dequantize, q4_codes, q8_codes
+from .quants import BLOCK_TYPES, dequantize, q4_codes, q8_codes
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face names, per architecture; {i} is the block.
 TENSOR_NAMES = {
@@ -106,30 +106,30 @@ class GGUFFile:
                     tie_word_embeddings="output.weight" not in names)
 
     def block_type(self) -> str | None:
-        """The quantization of the decoder layers' matrices when every one is Q4_0 or Q4_1 (the native kernels'
-        blocks), else None."""
+        """The quantization of the decoder layers' matrices when every one is Q4_0, Q4_1 or Q8_0 (the native
+        kernels' blocks), as "Q4_1" or, mixed, "Q4_0/Q8_0"; else None."""
         types = {t.tensor_type for t in self.tensor_infos if t.name.startswith("blk.") and len(t.shape) == 2}
-        return GGMLQuantizationType(types.pop()).name if len(types) == 1 and types <= set(Q4_TYPES) else None
+        if not types or not types <= set(BLOCK_TYPES):
+            return None
+        return "/".join(sorted(GGMLQuantizationType(t).name for t in types))
 
     def tensors(self, dtype: torch.dtype = torch.float32,
-                keep_q4: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4Blocks]]:
-        """Yield (Hugging Face name, dequantized tensor) one at a time; with keep_q4, Q4_0/Q4_1 matrices
-        come as their 4-bit blocks ([out, in] for every architecture) instead, and Q8_0 embedding and output
-        rows as their 8-bit blocks."""
+                keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4Blocks | Q8Blocks]]:
+        """Yield (Hugging Face name, dequantized tensor) one at a time; with keep_blocks, Q4_0/Q4_1 matrices
+        come as their 4-bit blocks and Q8_0 ones as their 8-bit blocks instead ([out, in] for every
+        architecture)."""
         table = _name_table(TENSOR_NAMES[self.arch])
         cfg = self.config()
         for t in self.tensor_infos:
             hf = _hf_name(table, t.name)
             if hf is None:
                 raise UnsupportedModelError(f"{self.path}: unexpected tensor {t.name!r} for {self.arch}")
-            blocks = keep_q4 and t.tensor_type in Q4_TYPES and len(t.shape) == 2
-            # the embedding and output rows, [vocab, hidden] in every architecture, keep Q8_0 blocks too
-            rows = keep_q4 and t.tensor_type == GGMLQuantizationType.Q8_0 and hf in ROW_TENSORS
+            blocks = keep_blocks and t.tensor_type in BLOCK_TYPES and len(t.shape) == 2
             try:
-                if blocks:
-                    w = Q4Blocks(*q4_codes(t.data, t.tensor_type, t.shape))
-                elif rows:
+                if blocks and t.tensor_type == GGMLQuantizationType.Q8_0:
                     w = Q8Blocks(*q8_codes(t.data, t.shape))
+                elif blocks:
+                    w = Q4Blocks(*q4_codes(t.data, t.tensor_type, t.shape))
                 else:
                     w = dequantize(t.data, t.tensor_type, t.shape, dtype=dtype)
             except (UnsupportedModelError, CorruptFileError) as e:
@@ -146,8 +146,6 @@ class GGUFFile:
             t.release()  # w holds its own copy now
             yield hf, w
 
-
-ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
 
 
 def _name_table(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:

@@ -186,6 +186,7 @@ def _checked_bytes(data: torch.Tensor | np.ndarray, qt: T, shape: tuple[int, ...
 
 
 Q4_TYPES = (T.Q4_0, T.Q4_1)
+BLOCK_TYPES = (*Q4_TYPES, T.Q8_0)  # the blocks lmgen's native kernels run on as they are
 
 
 def q8_codes(data: torch.Tensor | np.ndarray, shape: tuple[int, int]):
