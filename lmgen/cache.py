@@ -13,6 +13,7 @@ from . import kernels
 
 BLOCK = 16  # tokens per prefix-cache block: a prompt reuses cached keys a whole block at a time
 MIN_LENGTH = 128  # positions a GPU cache starts with; it doubles as sequences grow
+KERNEL_DTYPES = (torch.float32, torch.float16)  # what lmgen's decode kernel reads keys and values as
 
 
 @dataclass
@@ -74,16 +75,18 @@ class KVCache:
         self._dtype, self._device = dtype, torch.device(device)
         self.ensure(min(max_len, MIN_LENGTH))
         # lone new tokens can go through lmgen's decode kernel (Step.kernel)
-        self.decode_kernel = self.k.device.type == "cpu" and dtype == torch.float32 and kernels.native()
+        self.decode_kernel = self.k.device.type == "cpu" and dtype in KERNEL_DTYPES and kernels.native()
         self._free = list(range(n_slots))  # least recently used first
         self.prefix = PrefixIndex(n_slots)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype=None) -> "KVCache":
-        """A cache shaped for `model` (which exposes `cache_shape()`), on its device."""
+        """A cache shaped for `model` (which exposes `cache_shape()`), on its device: float16 for a model on the
+        native layers (as llama.cpp's default cache, half the memory), else the model's dtype."""
         n_layers, n_kv_heads, head_dim = model.cache_shape()
         p = next(model.parameters())
-        return cls(n_layers, n_slots, max_len, n_kv_heads, head_dim, dtype=dtype or p.dtype, device=p.device)
+        dtype = dtype or (torch.float16 if getattr(model, "fused", None) is not None else p.dtype)
+        return cls(n_layers, n_slots, max_len, n_kv_heads, head_dim, dtype=dtype, device=p.device)
 
     def ensure(self, length: int) -> None:
         """Grow every slot to hold at least `length` positions (a power of two, at most max_len)."""

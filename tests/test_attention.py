@@ -24,8 +24,8 @@ def reference(q, k, v, slots, positions, scale):
 
 
 def call(ops, q, k_new, v_new, k, v, slots, positions, scale, layer=1):
-    """The op on layer `layer` of a 3-layer cache whose layer `layer` is k, v [slots, Hkv, S, D]."""
-    k_cache, v_cache = torch.randn(3, *k.shape), torch.randn(3, *v.shape)
+    """The op on layer `layer` of a 3-layer cache (of k's dtype) whose layer `layer` is k, v [slots, Hkv, S, D]."""
+    k_cache, v_cache = torch.randn(3, *k.shape).to(k.dtype), torch.randn(3, *v.shape).to(v.dtype)
     k_cache[layer], v_cache[layer] = k, v
     out = ops.decode_attention(q, k_new, v_new, k_cache, v_cache, layer, slots, positions, scale)
     return out, k_cache, v_cache
@@ -34,17 +34,20 @@ def call(ops, q, k_new, v_new, k, v, slots, positions, scale, layer=1):
 # head sizes 64 and 128 take the vectorized path, 40 the general one; 9 query heads over 3 key heads is GQA
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 40), (8, 2, 128)])
 @pytest.mark.parametrize("lengths", [[1], [37, 8, 100], [300, 299]])  # odd lengths: not a multiple of 8
-def test_decode_attention_writes_the_token_and_attends_up_to_it(ops, heads, kv_heads, dim, lengths):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: the native layers' cache
+def test_decode_attention_writes_the_token_and_attends_up_to_it(ops, heads, kv_heads, dim, lengths, dtype):
     torch.manual_seed(len(lengths) + dim)
-    k, v = torch.randn(2, 4, kv_heads, 320, dim).unbind(0)  # 4 slots of 320 positions
+    k, v = torch.randn(2, 4, kv_heads, 320, dim).to(dtype).unbind(0)  # 4 slots of 320 positions
     q, k_new, v_new = torch.randn(len(lengths), heads, 1, dim), *torch.randn(2, len(lengths), kv_heads, 1, dim)
     slots = torch.tensor([3, 0, 2][:len(lengths)])
     positions = torch.tensor(lengths)[:, None] - 1
     got, k_cache, v_cache = call(ops, q, k_new, v_new, k, v, slots, positions, 0.3)
     for b, (slot, pos) in enumerate(zip(slots, positions[:, 0])):
-        k[slot, :, pos], v[slot, :, pos] = k_new[b, :, 0], v_new[b, :, 0]
+        k[slot, :, pos], v[slot, :, pos] = k_new[b, :, 0], v_new[b, :, 0]  # rounded to the cache's dtype
     assert torch.equal(k_cache[1], k) and torch.equal(v_cache[1], v)  # only the new tokens changed
-    torch.testing.assert_close(got, reference(q, k, v, slots, positions, 0.3), atol=1e-5, rtol=1e-5)
+    assert got.dtype == torch.float32  # float32 arithmetic over the stored values
+    want = reference(q, k.float(), v.float(), slots, positions, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_attention_reads_only_positions_up_to_the_token(ops):

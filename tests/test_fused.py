@@ -90,3 +90,13 @@ def test_the_native_layers_name_a_bad_weight_list(tiny_int4):
                                       step.lone_slots, step.lone_positions, 0.25)
     with pytest.raises(RuntimeError, match=r"layer_in: cos must be contiguous float32 \[1, 32\], got Double"):
         torch.ops.lmgen.layer_in(x[0], model.fused.layers[0], 1e-5, cos[0, 0].double(), sin[0, 0], 6)
+
+
+def test_the_native_layers_keep_a_float16_cache_and_the_float32_path_a_float32_one(tiny_int4, tiny_llama_dir):
+    assert KVCache.for_model(tiny_int4.model, 2, 32).k.dtype == torch.float16  # llama.cpp's default cache type
+    reference = lmgen.load(tiny_llama_dir)
+    assert reference.model.fused is None
+    assert KVCache.for_model(reference.model, 2, 32).k.dtype == torch.float32  # parity tests read float32 keys
+    cache = KVCache.for_model(tiny_int4.model, 2, 32)
+    prompts_in(tiny_int4.model, cache, [6, 3])
+    assert cache.k[:, 0, :, :6].abs().sum() > 0 and cache.k[:, 0, :, 6:].abs().sum() == 0  # written as float16

@@ -1,4 +1,5 @@
-/* Attention for decoding on the CPU: one new query per sequence over its cached keys and values, float32.
+/* Attention for decoding on the CPU: one new query per sequence over its cached keys and values, which are float32
+ * or float16 (`half`: llama.cpp's default cache type, half the memory); the arithmetic is float32 either way.
  *
  * For batch row b and query head h, with G = Hq / Hkv query heads per key head and L = positions[b] + 1:
  *   out[b, h] = softmax(scale * q[b, h] . k[slots[b], h / G, :L]) @ v[slots[b], h / G, :L]
@@ -9,7 +10,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SIMD 1
 #else
@@ -42,6 +44,33 @@ static inline __m256 exp8(__m256 x) {  /* e^x for x <= 0 (scores minus their max
 }
 #endif
 
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float kv_at(const void *kv, int64_t i, const int half) {  /* element i of a float32 or float16 array */
+    if (!half) return ((const float *)kv)[i];
+    const uint16_t h = ((const uint16_t *)kv)[i];
+#if SIMD
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        float f = ldexpf((float)man, -24);
+        return sign ? -f : f;
+    }
+    bits = sign | (exp == 0x1f ? 0x7f800000 | (man << 13) : ((exp + 112) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+#if SIMD
+INLINE __m256 kv8(const void *kv, int64_t i, const int half) {  /* elements i..i+7 as floats */
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)kv + i)))
+                : _mm256_loadu_ps((const float *)kv + i);
+}
+#endif
+
 /* p[0..L) = exp(p - max p) in place; returns their sum */
 static float softmax_numerators(float *p, int64_t L) {
     float m = -INFINITY, sum = 0.0f;
@@ -63,15 +92,15 @@ static float softmax_numerators(float *p, int64_t L) {
 #if SIMD
 /* one query head over L keys, D a multiple of 8 (a constant where inlined, so the accumulators stay in
  * registers); p is a scratch of L floats */
-static inline __attribute__((always_inline)) void attend(const float *q, const float *k, const float *v, float *o,
-                                                         float *p, int64_t L, const int64_t D, float scale) {
+INLINE void attend(const float *q, const void *k, const void *v, float *o, float *p, int64_t L, const int64_t D,
+                   float scale, const int half) {
     int64_t t = 0;
     for (; t + 8 <= L; t += 8) {  /* 8 keys at a time: their 8 dot products end up in one vector */
         __m256 a[8];
         for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
             const __m256 qd = _mm256_loadu_ps(q + d);
-            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + (t + j) * D + d), a[j]);
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qd, kv8(k, (t + j) * D + d, half), a[j]);
         }
         /* pairwise sums: lane i of the two halves holds parts of key i's sum */
         const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
@@ -82,7 +111,7 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
     }
     for (; t < L; t++) {
         __m256 a = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + t * D + d), a);
+        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv8(k, t * D + d, half), a);
         p[t] = scale * hsum8(a);
     }
     const __m256 inv = _mm256_set1_ps(1.0f / softmax_numerators(p, L));
@@ -90,40 +119,41 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
     for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_setzero_ps();
     for (t = 0; t < L; t++) {
         const __m256 w = _mm256_broadcast_ss(p + t);
-        for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + t * D + 8 * d), acc[d]);
+        for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_fmadd_ps(w, kv8(v, t * D + 8 * d, half), acc[d]);
     }
     for (int64_t d = 0; d < D / 8; d++) _mm256_storeu_ps(o + 8 * d, _mm256_mul_ps(acc[d], inv));
 }
 #endif
 
 /* one query head, any D */
-static void attend_any(const float *q, const float *k, const float *v, float *o, float *p, int64_t L, int64_t D,
-                       float scale) {
+static void attend_any(const float *q, const void *k, const void *v, float *o, float *p, int64_t L, int64_t D,
+                       float scale, const int half) {
     for (int64_t t = 0; t < L; t++) {
         float s = 0.0f;
-        for (int64_t d = 0; d < D; d++) s += q[d] * k[t * D + d];
+        for (int64_t d = 0; d < D; d++) s += q[d] * kv_at(k, t * D + d, half);
         p[t] = scale * s;
     }
     const float inv = 1.0f / softmax_numerators(p, L);
     for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
     for (int64_t t = 0; t < L; t++)
-        for (int64_t d = 0; d < D; d++) o[d] += p[t] * v[t * D + d];
+        for (int64_t d = 0; d < D; d++) o[d] += p[t] * kv_at(v, t * D + d, half);
     for (int64_t d = 0; d < D; d++) o[d] *= inv;
 }
 
-static void attend_head(const float *q, const float *k, const float *v, float *o, float *p, int64_t L, int64_t D,
-                        float scale) {
+static void attend_head(const float *q, const void *k, const void *v, float *o, float *p, int64_t L, int64_t D,
+                        float scale, int half) {
 #if SIMD
-    if (D == 64) return attend(q, k, v, o, p, L, 64, scale);
-    if (D == 128) return attend(q, k, v, o, p, L, 128, scale);
+    if (D == 64) return half ? attend(q, k, v, o, p, L, 64, scale, 1) : attend(q, k, v, o, p, L, 64, scale, 0);
+    if (D == 128) return half ? attend(q, k, v, o, p, L, 128, scale, 1) : attend(q, k, v, o, p, L, 128, scale, 0);
 #endif
-    attend_any(q, k, v, o, p, L, D, scale);
+    half ? attend_any(q, k, v, o, p, L, D, scale, 1) : attend_any(q, k, v, o, p, L, D, scale, 0);
 }
 
-/* out [B, Hq, D] for q [B, Hq, D]; k, v [slots, Hkv, S, D]; slots, positions [B] (each position in 0..S-1).
- * Returns 0, or -1 when out of memory. */
-int decode_attention(const float *q, const float *k, const float *v, const int64_t *slots, const int64_t *positions,
-                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale) {
+/* out [B, Hq, D] for q [B, Hq, D]; k, v [slots, Hkv, S, D], float16 when `half`, else float32; slots, positions
+ * [B] (each position in 0..S-1). Returns 0, or -1 when out of memory. */
+int decode_attention(const float *q, const void *k, const void *v, const int64_t *slots, const int64_t *positions,
+                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int half) {
+    const size_t size = half ? 2 : 4;
     const int64_t G = Hq / Hkv;
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += positions[b] + 1;
@@ -136,7 +166,8 @@ int decode_attention(const float *q, const float *k, const float *v, const int64
         for (int64_t i = 0; i < B * Hq; i++) {  /* a query head each */
             if (!p) continue;
             const int64_t b = i / Hq, kv = (slots[b] * Hkv + i % Hq / G) * S * D;
-            attend_head(q + i * D, k + kv, v + kv, out + i * D, p, positions[b] + 1, D, scale);
+            attend_head(q + i * D, (const char *)k + kv * size, (const char *)v + kv * size, out + i * D, p,
+                        positions[b] + 1, D, scale, half);
         }
         free(p);
     }

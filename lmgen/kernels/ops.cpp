@@ -18,8 +18,8 @@ int simd(void);
 int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias, float *y,
               int64_t M, int64_t N, int64_t K);
 int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, float *y, int64_t M, int64_t N, int64_t K);
-int decode_attention(const float *q, const float *k, const float *v, const int64_t *slots, const int64_t *positions,
-                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale);
+int decode_attention(const float *q, const void *k, const void *v, const int64_t *slots, const int64_t *positions,
+                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int half);
 void rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t K, float eps);
 void rope(float *x, const float *cos, const float *sin, int64_t M, int64_t stride, int64_t heads, int64_t D);
 void silu_mul(const float *gu, float *y, int64_t M, int64_t I);
@@ -93,11 +93,13 @@ at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor 
     TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat,
                 "decode_attention: q must be float32 [B, Hq, 1, D], got ", q.scalar_type(), " ", q.sizes());
     const int64_t b = q.size(0), hq = q.size(1), d = q.size(3);
-    TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
+    const at::ScalarType kv_type = k_cache.scalar_type();
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && (kv_type == at::kFloat || kv_type == at::kHalf) &&
                     k_cache.size(4) == d && hq % k_cache.size(2) == 0 && v_cache.sizes() == k_cache.sizes() &&
-                    v_cache.is_contiguous() && v_cache.scalar_type() == at::kFloat,
-                "decode_attention: the caches must be contiguous float32 [layers, slots, Hkv, S, ", d,
-                "] with Hkv dividing ", hq, ", got ", k_cache.sizes(), " and ", v_cache.sizes());
+                    v_cache.is_contiguous() && v_cache.scalar_type() == kv_type,
+                "decode_attention: the caches must be contiguous float32 or float16 [layers, slots, Hkv, S, ", d,
+                "] with Hkv dividing ", hq, ", got ", k_cache.scalar_type(), " ", k_cache.sizes(), " and ",
+                v_cache.scalar_type(), " ", v_cache.sizes());
     const int64_t slots_n = k_cache.size(1), hkv = k_cache.size(2), len = k_cache.size(3);
     TORCH_CHECK(layer >= 0 && layer < k_cache.size(0), "decode_attention: layer ", layer, " is outside the cache's ",
                 k_cache.size(0), " layers");
@@ -109,23 +111,24 @@ at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor 
     TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.numel() == b &&
                     positions.numel() == b,
                 "decode_attention: slots and positions must be int64 with ", b, " entries");
-    at::Tensor s = slots.contiguous(), p = positions.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+    at::Tensor s = slots.contiguous(), p = positions.contiguous();
+    at::Tensor kc = k.to(kv_type).contiguous(), vc = v.to(kv_type).contiguous();  // stored as the cache stores them
     const int64_t *sp = s.data_ptr<int64_t>(), *pp = p.data_ptr<int64_t>();
     for (int64_t i = 0; i < b; i++)
         TORCH_CHECK(sp[i] >= 0 && sp[i] < slots_n && pp[i] >= 0 && pp[i] < len, "decode_attention: row ", i,
                     " reads slot ", sp[i], " at position ", pp[i], ", outside the cache's ", slots_n, " slots of ",
                     len, " positions");
-    float *kl = k_cache.data_ptr<float>() + layer * slots_n * hkv * len * d;
-    float *vl = v_cache.data_ptr<float>() + layer * slots_n * hkv * len * d;
+    const int64_t size = k_cache.element_size(), layer_at = layer * slots_n * hkv * len * d;
+    char *kl = (char *)k_cache.data_ptr() + layer_at * size, *vl = (char *)v_cache.data_ptr() + layer_at * size;
     for (int64_t i = 0; i < b; i++)
         for (int64_t h = 0; h < hkv; h++) {
-            const int64_t at = ((sp[i] * hkv + h) * len + pp[i]) * d;
-            std::memcpy(kl + at, kc.data_ptr<float>() + (i * hkv + h) * d, sizeof(float) * d);
-            std::memcpy(vl + at, vc.data_ptr<float>() + (i * hkv + h) * d, sizeof(float) * d);
+            const int64_t at = ((sp[i] * hkv + h) * len + pp[i]) * d * size, from = (i * hkv + h) * d * size;
+            std::memcpy(kl + at, (const char *)kc.data_ptr() + from, size * d);
+            std::memcpy(vl + at, (const char *)vc.data_ptr() + from, size * d);
         }
     at::Tensor qc = q.contiguous(), out = at::empty(q.sizes(), q.options());
     const int rc = decode_attention(qc.data_ptr<float>(), kl, vl, sp, pp, out.data_ptr<float>(), b, hq, hkv, len, d,
-                                    (float)scale);
+                                    (float)scale, kv_type == at::kHalf);
     TORCH_CHECK(rc == 0, "decode_attention: out of memory");
     return out;
 }
