@@ -38,7 +38,8 @@ def choose(seqs: Sequence[Continuation], logits: torch.Tensor) -> list[tuple[int
         else:
             out[i] = _reference(s, logits[i])
     if fast:
-        for i, result in zip(fast, _choose_batched([seqs[i] for i in fast], logits[fast])):
+        rows = logits if len(fast) == len(seqs) else logits[fast]  # (indexing copies every row)
+        for i, result in zip(fast, _choose_batched([seqs[i] for i in fast], rows)):
             out[i] = result
     return out
 
@@ -92,7 +93,8 @@ def _choose_batched(seqs: list[Continuation], logits: torch.Tensor) -> list:
     finite = torch.isfinite(scores.amax(-1)).tolist()  # a row's best score (a greedy row's chosen one) is finite
     draw = [r for r in sampled if finite[r] and results[r] is None]
     if draw:
-        cdf = torch.softmax(scores[draw].double(), dim=-1).cumsum(-1)
+        cdf = torch.softmax(scores if len(draw) == len(seqs) else scores[draw], dim=-1, dtype=torch.float64)
+        cdf = cdf.cumsum_(-1)
         u = torch.cat([torch.rand((1,), generator=seqs[r].generator, dtype=cdf.dtype, device=device) for r in draw])
         picks = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True).clamp_(max=vocab - 1)
         tokens[draw] = picks[:, 0]

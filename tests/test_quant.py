@@ -290,13 +290,16 @@ def test_the_vnni_and_avx2_builds_give_the_same_bits(rows):
     torch.manual_seed(rows)
     layer, x = int4_linear(quantize_q4(torch.randn(96, 576))), torch.randn(rows, 576)
     head = int8_head(torch.randn(72, 576))
+    odd, x_odd = int8_head(torch.randn(40, 608)), torch.randn(rows, 608)  # 19 blocks: the 512-bit path's last one alone
     for ops in (torch.ops.lmgen, torch.ops.lmgen_avx2):
-        out = ops.q4_matmul(x, layer.qs, layer.d, layer.m, None), ops.q8_matmul(x, head.qweight, head.scales)
+        out = (ops.q4_matmul(x, layer.qs, layer.d, layer.m, None), ops.q8_matmul(x, head.qweight, head.scales),
+               ops.q8_matmul(x_odd, odd.qweight, odd.scales))
         if ops is torch.ops.lmgen:
             want = out
-    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    assert all(torch.equal(o, w) for o, w in zip(out, want))
     alone = torch.ops.lmgen.q4_matmul(x[:1], layer.qs, layer.d, layer.m, None)
     assert torch.equal(alone[0], want[0][0])
+    assert torch.equal(torch.ops.lmgen.q8_matmul(x_odd[-1:], odd.qweight, odd.scales)[0], want[2][-1])
 
 
 def test_the_default_path_keeps_the_files_q8_0_embedding_blocks_exactly(smollm, smollm_default):

@@ -31,6 +31,12 @@
 #define VNNI 0
 #endif
 
+#if VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
+#define VNNI512 1  /* int8 rows two blocks a 512-bit vector */
+#else
+#define VNNI512 0
+#endif
+
 #define INLINE static inline __attribute__((always_inline))
 
 int simd(void) { return SIMD + VNNI; }
@@ -57,7 +63,8 @@ static void quantize_row(const float *x, int8_t *qx, float *dx, float *sx, int64
 #if SIMD
         const __m256 sign = _mm256_set1_ps(-0.0f);
         __m256 v[4], amax = _mm256_setzero_ps();
-        for (int j = 0; j < 4; j++) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j] = _mm256_loadu_ps(x + 8 * j)));
+        for (int j = 0; j < 4; j++)
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j] = _mm256_loadu_ps(x + 8 * j)));
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         const float a = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
@@ -179,6 +186,62 @@ INLINE void q8_rows(const int8_t *w, const float *ws, const int8_t *qx, const fl
         out[r * ldo] = hsum(acc[r][0]);
     }
 }
+
+#if VNNI512
+/* 128 * the sums of each 4 activation bytes (the lanes of a block's dot product), and each block's scale in 8
+ * lanes: what q8_rows512 takes per activation row, nb blocks */
+static void q8_lanes(const int8_t *qx, const float *dx, int32_t *cx, float *dxz, int64_t nb) {
+    const __m256i c128 = _mm256_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(qx + b * 32));
+        _mm256_storeu_si256((__m256i *)(cx + b * 8), _mm256_dpbusd_epi32(_mm256_setzero_si256(), c128, x));
+        _mm256_storeu_ps(dxz + b * 8, _mm256_set1_ps(dx[b]));
+    }
+}
+
+/* q8_rows (A = 2) with 512-bit vectors: blocks 2p and 2p + 1 in the low and high halves, which are q8_rows'
+ * two accumulators. vpdpbusd takes the weights unsigned, w + 128 (their sign bits flipped), and the activations
+ * as they are; taking 128 * the activations' sums back leaves the same integers, so the same floats follow. */
+INLINE void q8_rows512(const int8_t *w, const float *ws, const int8_t *qx, const int32_t *cx, const float *dxz,
+                       int64_t nb, const int R, float *out, int64_t ldo) {
+    const int64_t K = nb * 32;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + b * 32)), flip);
+        double pair;
+        memcpy(&pair, ws + b, sizeof pair);
+        const __m512 wsz = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(pair))));
+        for (int r = 0; r < R; r++) {
+            __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu,
+                                              _mm512_loadu_si512((const void *)(qx + r * K + b * 32)));
+            sum = _mm512_sub_epi32(sum, _mm512_loadu_si512((const void *)(cx + (r * nb + b) * 8)));
+            const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(dxz + (r * nb + b) * 8), wsz);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+        }
+    }
+    if (b < nb) {  /* an odd last block: an even one, the low half's */
+        const __m256i wu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + b * 32)),
+                                            _mm256_set1_epi8((char)0x80));
+        for (int r = 0; r < R; r++) {
+            __m256i sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu,
+                                              _mm256_loadu_si256((const __m256i *)(qx + r * K + b * 32)));
+            sum = _mm256_sub_epi32(sum, _mm256_loadu_si256((const __m256i *)(cx + (r * nb + b) * 8)));
+            const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(dxz + (r * nb + b) * 8), _mm256_set1_ps(ws[b]));
+            acc[r] = _mm512_mask3_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(sum)),
+                                           _mm512_zextps256_ps512(scale), acc[r], 0x00FF);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const __m256 lo = _mm512_castps512_ps256(acc[r]);
+        const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1));
+        out[r * ldo] = hsum(_mm256_add_ps(lo, hi));
+    }
+}
+#endif
 #else
 INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, const int8_t *qx, const float *dx,
                      const float *sx, int64_t nb, const int R, float *out, int64_t ldo) {
@@ -224,7 +287,7 @@ typedef struct {
 
 /* the rows [m0, m1) of y for weight unit u: a group of 8 rows (4-bit) or one row (int8) */
 static void weight_unit(const weights *w, int64_t u, const int8_t *qx, const float *dx, const float *sx,
-                        int64_t m0, int64_t m1, int64_t N, int64_t K, float *y) {
+                        const int32_t *cx, const float *dxz, int64_t m0, int64_t m1, int64_t N, int64_t K, float *y) {
     const int64_t nb = K / 32;
     int64_t i = m0;
     if (w->qs) {
@@ -237,6 +300,12 @@ static void weight_unit(const weights *w, int64_t u, const int8_t *qx, const flo
     } else {
         const int8_t *wq = w->q8 + u * K;
         const float *ws = w->block_scale + u * nb;
+#if VNNI512
+        for (; i + 4 <= m1; i += 4)
+            q8_rows512(wq, ws, qx + i * K, cx + i * nb * 8, dxz + i * nb * 8, nb, 4, y + i * N + u, N);
+        for (; i < m1; i++)
+            q8_rows512(wq, ws, qx + i * K, cx + i * nb * 8, dxz + i * nb * 8, nb, 1, y + i * N + u, N);
+#endif
         for (; i + 4 <= m1; i += 4)
             q8_rows(wq, ws, qx + i * K, dx + i * nb, nb, 4, 2, y + i * N + u, N);  /* as one row: the same sums */
         for (; i < m1; i++)
@@ -246,19 +315,26 @@ static void weight_unit(const weights *w, int64_t u, const int8_t *qx, const flo
 
 static int matmul(const float *x, const weights *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K) {
     const int64_t nb = K / 32, rows = w->qs ? 8 : 1, units = N / rows;
-    int8_t *qx = malloc((size_t)(M * K) + 2 * sizeof(float) * (size_t)(M * nb));
+    const int lanes = VNNI512 && !w->qs;  /* the 512-bit int8 path's per-lane sums and scales */
+    int8_t *qx = malloc((size_t)(M * K) + (2 + (lanes ? 16 : 0)) * sizeof(float) * (size_t)(M * nb));
     if (!qx) return -1;
-    float *dx = (float *)(qx + M * K), *sx = dx + M * nb;
+    float *dx = (float *)(qx + M * K), *sx = dx + M * nb, *dxz = sx + M * nb;
+    int32_t *cx = (int32_t *)(dxz + (lanes ? M * nb * 8 : 0));
     const int threads = M * N * K >= (1 << 18);  /* below this, waking a thread costs more than it saves */
 #pragma omp parallel for schedule(static) if (threads && M >= 8)
-    for (int64_t i = 0; i < M; i++) quantize_row(x + i * K, qx + i * K, dx + i * nb, sx + i * nb, nb);
+    for (int64_t i = 0; i < M; i++) {
+        quantize_row(x + i * K, qx + i * K, dx + i * nb, sx + i * nb, nb);
+#if VNNI512
+        if (lanes) q8_lanes(qx + i * K, dx + i * nb, cx + i * nb * 8, dxz + i * nb * 8, nb);
+#endif
+    }
     /* activation rows in tiles that stay in cache while every weight row streams past them */
     const int64_t tile = 64;
     for (int64_t m0 = 0; m0 < M; m0 += tile) {
         const int64_t m1 = m0 + tile < M ? m0 + tile : M;
 #pragma omp parallel for schedule(static) if (threads)
         for (int64_t u = 0; u < units; u++) {
-            weight_unit(w, u, qx, dx, sx, m0, m1, N, K, y);
+            weight_unit(w, u, qx, dx, sx, cx, dxz, m0, m1, N, K, y);
             if (bias)
                 for (int64_t i = m0; i < m1; i++)
                     for (int64_t n = u * rows; n < (u + 1) * rows; n++) y[i * N + n] += bias[n];
