@@ -277,7 +277,7 @@ def test_a_kernel_library_that_will_not_load_is_a_warning_not_an_error(monkeypat
         assert kernels.load("lmgen_broken") is False
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 5, 13, 16])
 def test_the_vnni_and_avx2_builds_give_the_same_bits(rows):
     # Both sum a block's byte products exactly (vpdpbusd into int32, maddubs through int16 that cannot overflow),
     # so the two paths a machine may take agree to the bit, and a row does not depend on the batch it is in.

@@ -131,8 +131,9 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
             for (int r = 0; r < R; r++) {
                 const int8_t *x = qx + r * K + b * 32 + 4 * j;
 #if VNNI
+                /* with 8 rows, one int32 sum a row (exact either way) keeps every vector in a register */
                 sum[r][0] = _mm256_dpbusd_epi32(sum[r][0], lo, broadcast4(x));
-                sum[r][1] = _mm256_dpbusd_epi32(sum[r][1], hi, broadcast4(x + 16));
+                sum[r][R < 8] = _mm256_dpbusd_epi32(sum[r][R < 8], hi, broadcast4(x + 16));
 #else
                 sum[r][0] = _mm256_add_epi16(sum[r][0], _mm256_maddubs_epi16(lo, broadcast4(x)));
                 sum[r][1] = _mm256_add_epi16(sum[r][1], _mm256_maddubs_epi16(hi, broadcast4(x + 16)));
@@ -143,7 +144,7 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
         __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 8)));
         for (int r = 0; r < R; r++) {
 #if VNNI
-            __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(sum[r][0], sum[r][1]));
+            __m256 dot = _mm256_cvtepi32_ps(R < 8 ? _mm256_add_epi32(sum[r][0], sum[r][1]) : sum[r][0]);
 #else
             __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(sum[r][0], sum[r][1]), ones));
 #endif
@@ -293,6 +294,10 @@ static void weight_unit(const weights *w, int64_t u, const int8_t *qx, const flo
     if (w->qs) {
         const uint8_t *wq = w->qs + u * nb * 128;
         const uint16_t *wd = w->d + u * nb * 8, *wm = w->m + u * nb * 8;
+#if VNNI512
+        for (; i + 8 <= m1; i += 8)  /* 32 vector registers: 8 rows at a time */
+            q4_group(wq, wd, wm, qx + i * K, dx + i * nb, sx + i * nb, nb, 8, y + i * N + u * 8, N);
+#endif
         for (; i + 4 <= m1; i += 4)
             q4_group(wq, wd, wm, qx + i * K, dx + i * nb, sx + i * nb, nb, 4, y + i * N + u * 8, N);
         for (; i < m1; i++)
