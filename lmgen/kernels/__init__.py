@@ -25,6 +25,7 @@ import torch
 HERE = Path(__file__).parent
 C_SOURCES = (HERE / "matmul.c", HERE / "attention.c", HERE / "block.c")
 SOURCES = (*C_SOURCES, HERE / "ops.cpp")
+HEADERS = (HERE / "half.h",)  # included by the C sources: part of a build's key
 WITHOUT = "int4 layers and decoding attention run through torch (slower)"  # what a failed build costs
 # tried in order: the host's own vector units first, then portable C; OpenMP threads when the compiler has them
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
@@ -74,7 +75,7 @@ def build(namespace: str = "lmgen", flag_sets=FLAG_SETS) -> Path | None:
     if tools is None:
         warnings.warn(f"no C and C++ compiler found: {WITHOUT}", stacklevel=2)
         return None
-    source = b"".join(s.read_bytes() for s in SOURCES)
+    source = b"".join(s.read_bytes() for s in (*SOURCES, *HEADERS))
     builds = []  # (flags, library path) in order of preference
     for flags in flag_sets:
         commands = _commands(*tools, flags, namespace, Path("tmp"), Path("out"))  # every flag, torch's paths

@@ -44,24 +44,13 @@ static inline __m256 exp8(__m256 x) {  /* e^x for x <= 0 (scores minus their max
 }
 #endif
 
+#include "half.h"  /* after SIMD is defined */
+
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE float kv_at(const void *kv, int64_t i, const int half) {  /* element i of a float32 or float16 array */
     if (!half) return ((const float *)kv)[i];
-    const uint16_t h = ((const uint16_t *)kv)[i];
-#if SIMD
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        float f = ldexpf((float)man, -24);
-        return sign ? -f : f;
-    }
-    bits = sign | (exp == 0x1f ? 0x7f800000 | (man << 13) : ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
+    return half_to_float(((const uint16_t *)kv)[i]);
 }
 
 #if SIMD

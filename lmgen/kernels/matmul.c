@@ -41,21 +41,7 @@
 
 int simd(void) { return SIMD + VNNI; }
 
-static inline float half_to_float(uint16_t h) {
-#if SIMD
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        float f = ldexpf((float)man, -24);
-        return sign ? -f : f;
-    }
-    bits = sign | (exp == 0x1f ? 0x7f800000 | (man << 13) : ((exp + 112) << 23) | (man << 13));
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
+#include "half.h"  /* after SIMD is defined */
 
 /* 8-bit blocks of one activation row: codes qx, scales dx, and sx = dx * sum(qx) per block */
 static void quantize_row(const float *x, int8_t *qx, float *dx, float *sx, int64_t nb) {
