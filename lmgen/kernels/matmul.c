@@ -38,6 +38,7 @@
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
+#define PREFETCH 16  /* blocks ahead */
 
 int simd(void) { return SIMD + VNNI; }
 
@@ -109,6 +110,8 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
     __m256 acc[R][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, wq += 128) {
+        __builtin_prefetch(wq + 128 * PREFETCH);  /* the weights stream from memory once a step */
+        __builtin_prefetch(wq + 128 * PREFETCH + 64);
         __m256i sum[R][2];
         for (int r = 0; r < R; r++) sum[r][0] = sum[r][1] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
