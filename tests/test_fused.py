@@ -100,3 +100,15 @@ def test_the_native_layers_keep_a_float16_cache_and_the_float32_path_a_float32_o
     cache = KVCache.for_model(tiny_int4.model, 2, 32)
     prompts_in(tiny_int4.model, cache, [6, 3])
     assert cache.k[:, 0, :, :6].abs().sum() > 0 and cache.k[:, 0, :, 6:].abs().sum() == 0  # written as float16
+
+
+def test_the_native_layers_add_the_linears_biases(tmp_path):
+    folder = make_tiny_llama(tmp_path, hidden_size=128, intermediate_size=256, attention_bias=True, mlp_bias=True)
+    lm = lmgen.load(folder, quantize="int4")
+    assert lm.model.fused is not None and lm.model.model.layers[0].self_attn.qkv_proj.bias is not None
+    tokens = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(3))
+    fused = lm.model(tokens)
+    lm.model.fused = None
+    python = lm.model(tokens)
+    assert (fused - python).abs().max() < 0.05 * python.abs().max()
+    assert (fused.argmax(-1) == python.argmax(-1)).float().mean() >= 0.9
