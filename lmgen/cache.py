@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from . import kernels
 
 BLOCK = 16  # tokens per prefix-cache block: a prompt reuses cached keys a whole block at a time
 MIN_LENGTH = 128  # positions a GPU cache starts with; it doubles as sequences grow
-KERNEL_DTYPES = (torch.float32, torch.float16)  # what lmgen's decode kernel reads keys and values as
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what lmgen's decode kernel reads keys and values as
 
 
 @dataclass
@@ -67,7 +68,7 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, n_slots: int, max_len: int, n_kv_heads: int,
-                 head_dim: int, *, dtype: torch.dtype = torch.float32, device="cpu"):
+                 head_dim: int, *, dtype: torch.dtype = torch.float32, device="cpu", float32_queries: bool = False):
         self.n_slots, self.max_len = n_slots, max_len
         self._shape = (n_layers, n_slots, n_kv_heads, head_dim)
         self.k = self.v = torch.empty(0)
@@ -75,18 +76,22 @@ class KVCache:
         self._dtype, self._device = dtype, torch.device(device)
         self.ensure(min(max_len, MIN_LENGTH))
         # lone new tokens can go through lmgen's decode kernel (Step.kernel)
-        self.decode_kernel = self.k.device.type == "cpu" and dtype in KERNEL_DTYPES and kernels.native()
+        # (its queries are float32: a 16-bit cache goes with float32 activations, as the native layers' does)
+        self.decode_kernel = (self.k.device.type == "cpu" and kernels.native()
+                              and (dtype == torch.float32 or float32_queries and dtype in KERNEL_DTYPES))
         self._free = list(range(n_slots))  # least recently used first
         self.prefix = PrefixIndex(n_slots)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, n_slots: int, max_len: int, dtype=None) -> "KVCache":
-        """A cache shaped for `model` (which exposes `cache_shape()`), on its device: float16 for a model on the
-        native layers (as llama.cpp's default cache, half the memory), else the model's dtype."""
+        """A cache shaped for `model` (which exposes `cache_shape()`), on its device: 16 bits for a model on the
+        native layers (native_cache_dtype(); half the memory), else the model's dtype."""
         n_layers, n_kv_heads, head_dim = model.cache_shape()
         p = next(model.parameters())
-        dtype = dtype or (torch.float16 if getattr(model, "fused", None) is not None else p.dtype)
-        return cls(n_layers, n_slots, max_len, n_kv_heads, head_dim, dtype=dtype, device=p.device)
+        fused = getattr(model, "fused", None) is not None
+        dtype = dtype or (native_cache_dtype() if fused else p.dtype)
+        return cls(n_layers, n_slots, max_len, n_kv_heads, head_dim, dtype=dtype, device=p.device,
+                   float32_queries=fused)
 
     def ensure(self, length: int) -> None:
         """Grow every slot to hold at least `length` positions (a power of two, at most max_len)."""
@@ -219,6 +224,18 @@ class KVCache:
         rows = step.write_index + layer * (self.k[0].numel() // d)
         self.k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d).to(self.k.dtype))
         self.v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d).to(self.v.dtype))
+
+
+@functools.cache
+def native_cache_dtype() -> torch.dtype:
+    """The native layers' cache type: bfloat16 where the CPU computes in it (AVX-512 BF16), so a prompt piece's
+    attention reads the cache as it is (about twice float32's speed); else float16, llama.cpp's default."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else torch.float16
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

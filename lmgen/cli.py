@@ -22,7 +22,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="model folder, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16. Default: a GGUF of Q4_0/Q4_1/Q8_0 blocks runs on them "
-                        "through lmgen's native kernels (as llama.cpp does; 8-bit activations, a float16 KV cache); "
+                        "through lmgen's native kernels (as llama.cpp does; 8-bit activations, a 16-bit KV cache); "
                         "anything else is float32 on the CPU. "
                         "--dtype float32 is the dequantized reference path, token-identical to transformers")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")

@@ -34,7 +34,7 @@ def call(ops, q, k_new, v_new, k, v, slots, positions, scale, layer=1):
 # head sizes 64 and 128 take the vectorized path, 40 the general one; 9 query heads over 3 key heads is GQA
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 40), (8, 2, 128)])
 @pytest.mark.parametrize("lengths", [[1], [37, 8, 100], [300, 299]])  # odd lengths: not a multiple of 8
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: the native layers' cache
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # 16 bits: the native layers' cache
 def test_decode_attention_writes_the_token_and_attends_up_to_it(ops, heads, kv_heads, dim, lengths, dtype):
     torch.manual_seed(len(lengths) + dim)
     k, v = torch.randn(2, 4, kv_heads, 320, dim).to(dtype).unbind(0)  # 4 slots of 320 positions

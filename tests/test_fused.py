@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lmgen
-from lmgen.cache import KVCache, Span
+from lmgen.cache import KVCache, Span, native_cache_dtype
 from lmgen.models.fused import FusedLayers
 
 from .conftest import make_tiny_llama
@@ -39,9 +39,10 @@ def decode_step(model, cache, positions):
     return cache.plan([Span(i, 1, slot, p) for i, (slot, p) in enumerate(enumerate(positions))]), tokens
 
 
-def test_a_decode_step_in_one_call_equals_the_layer_by_layer_path_bit_for_bit(tiny_int4):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # the native layers' cache on either CPU
+def test_a_decode_step_in_one_call_equals_the_layer_by_layer_path_bit_for_bit(tiny_int4, dtype):
     model = tiny_int4.model
-    cache = KVCache.for_model(model, 3, 64)
+    cache = KVCache.for_model(model, 3, 64, dtype=dtype)
     positions = prompts_in(model, cache, [5, 9, 2])
     step, tokens = decode_step(model, cache, positions)
     assert step.all_lone and step.kernel
@@ -92,14 +93,22 @@ def test_the_native_layers_name_a_bad_weight_list(tiny_int4):
         torch.ops.lmgen.layer_in(x[0], model.fused.layers[0], 1e-5, cos[0, 0].double(), sin[0, 0], 6)
 
 
-def test_the_native_layers_keep_a_float16_cache_and_the_float32_path_a_float32_one(tiny_int4, tiny_llama_dir):
-    assert KVCache.for_model(tiny_int4.model, 2, 32).k.dtype == torch.float16  # llama.cpp's default cache type
+def test_the_native_layers_keep_a_16_bit_cache_and_the_float32_path_a_float32_one(tiny_int4, tiny_llama_dir):
+    with open("/proc/cpuinfo") as f:
+        bf16 = "avx512_bf16" in f.read()
+    want = torch.bfloat16 if bf16 else torch.float16  # bfloat16 where the CPU computes in it, else llama.cpp's f16
+    assert native_cache_dtype() == want and KVCache.for_model(tiny_int4.model, 2, 32).k.dtype == want
     reference = lmgen.load(tiny_llama_dir)
     assert reference.model.fused is None
     assert KVCache.for_model(reference.model, 2, 32).k.dtype == torch.float32  # parity tests read float32 keys
-    cache = KVCache.for_model(tiny_int4.model, 2, 32)
-    prompts_in(tiny_int4.model, cache, [6, 3])
-    assert cache.k[:, 0, :, :6].abs().sum() > 0 and cache.k[:, 0, :, 6:].abs().sum() == 0  # written as float16
+    for dtype in (torch.float16, torch.bfloat16):  # a prompt piece's keys written, its logits those of no cache
+        cache = KVCache.for_model(tiny_int4.model, 2, 32, dtype=dtype)
+        tokens = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(4))
+        cached = tiny_int4.model(tokens, cache.plan([Span(0, 6, 0, 0)]), cache)
+        assert cache.k[:, 0, :, :6].abs().sum() > 0 and cache.k[:, 0, :, 6:].abs().sum() == 0
+        fresh = tiny_int4.model(tokens)  # keys and values kept in float32
+        assert (cached - fresh).abs().max() < 0.05 * fresh.abs().max(), dtype
+        assert (cached.argmax(-1) == fresh.argmax(-1)).float().mean() >= 0.8, dtype
 
 
 def test_the_native_layers_add_the_linears_biases(tmp_path):

@@ -1,5 +1,6 @@
 /* Attention for decoding on the CPU: one new query per sequence over its cached keys and values, which are float32
- * or float16 (`half`: llama.cpp's default cache type, half the memory); the arithmetic is float32 either way.
+ * float16 (llama.cpp's default cache type, half the memory) or bfloat16 (`kind` 0, 1, 2); the arithmetic is
+ * float32 in every case.
  *
  * For batch row b and query head h, with G = Hq / Hkv query heads per key head and L = positions[b] + 1:
  *   out[b, h] = softmax(scale * q[b, h] . k[slots[b], h / G, :L]) @ v[slots[b], h / G, :L]
@@ -48,15 +49,23 @@ static inline __m256 exp8(__m256 x) {  /* e^x for x <= 0 (scores minus their max
 
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE float kv_at(const void *kv, int64_t i, const int half) {  /* element i of a float32 or float16 array */
-    if (!half) return ((const float *)kv)[i];
-    return half_to_float(((const uint16_t *)kv)[i]);
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+INLINE float kv_at(const void *kv, int64_t i, const int kind) {  /* element i of a cache array of that kind */
+    if (kind == F32) return ((const float *)kv)[i];
+    if (kind == F16) return half_to_float(((const uint16_t *)kv)[i]);
+    const uint32_t bits = (uint32_t)((const uint16_t *)kv)[i] << 16;  /* bfloat16: float32's high half */
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
 #if SIMD
-INLINE __m256 kv8(const void *kv, int64_t i, const int half) {  /* elements i..i+7 as floats */
-    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)kv + i)))
-                : _mm256_loadu_ps((const float *)kv + i);
+INLINE __m256 kv8(const void *kv, int64_t i, const int kind) {  /* elements i..i+7 as floats */
+    if (kind == F32) return _mm256_loadu_ps((const float *)kv + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)kv + i));
+    if (kind == F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 #endif
 
@@ -82,14 +91,14 @@ static float softmax_numerators(float *p, int64_t L) {
 /* one query head over L keys, D a multiple of 8 (a constant where inlined, so the accumulators stay in
  * registers); p is a scratch of L floats */
 INLINE void attend(const float *q, const void *k, const void *v, float *o, float *p, int64_t L, const int64_t D,
-                   float scale, const int half) {
+                   float scale, const int kind) {
     int64_t t = 0;
     for (; t + 8 <= L; t += 8) {  /* 8 keys at a time: their 8 dot products end up in one vector */
         __m256 a[8];
         for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
             const __m256 qd = _mm256_loadu_ps(q + d);
-            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qd, kv8(k, (t + j) * D + d, half), a[j]);
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qd, kv8(k, (t + j) * D + d, kind), a[j]);
         }
         /* pairwise sums: lane i of the two halves holds parts of key i's sum */
         const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
@@ -100,7 +109,7 @@ INLINE void attend(const float *q, const void *k, const void *v, float *o, float
     }
     for (; t < L; t++) {
         __m256 a = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv8(k, t * D + d, half), a);
+        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv8(k, t * D + d, kind), a);
         p[t] = scale * hsum8(a);
     }
     const __m256 inv = _mm256_set1_ps(1.0f / softmax_numerators(p, L));
@@ -108,7 +117,7 @@ INLINE void attend(const float *q, const void *k, const void *v, float *o, float
     for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_setzero_ps();
     for (t = 0; t < L; t++) {
         const __m256 w = _mm256_broadcast_ss(p + t);
-        for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_fmadd_ps(w, kv8(v, t * D + 8 * d, half), acc[d]);
+        for (int64_t d = 0; d < D / 8; d++) acc[d] = _mm256_fmadd_ps(w, kv8(v, t * D + 8 * d, kind), acc[d]);
     }
     for (int64_t d = 0; d < D / 8; d++) _mm256_storeu_ps(o + 8 * d, _mm256_mul_ps(acc[d], inv));
 }
@@ -116,33 +125,38 @@ INLINE void attend(const float *q, const void *k, const void *v, float *o, float
 
 /* one query head, any D */
 static void attend_any(const float *q, const void *k, const void *v, float *o, float *p, int64_t L, int64_t D,
-                       float scale, const int half) {
+                       float scale, const int kind) {
     for (int64_t t = 0; t < L; t++) {
         float s = 0.0f;
-        for (int64_t d = 0; d < D; d++) s += q[d] * kv_at(k, t * D + d, half);
+        for (int64_t d = 0; d < D; d++) s += q[d] * kv_at(k, t * D + d, kind);
         p[t] = scale * s;
     }
     const float inv = 1.0f / softmax_numerators(p, L);
     for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
     for (int64_t t = 0; t < L; t++)
-        for (int64_t d = 0; d < D; d++) o[d] += p[t] * kv_at(v, t * D + d, half);
+        for (int64_t d = 0; d < D; d++) o[d] += p[t] * kv_at(v, t * D + d, kind);
     for (int64_t d = 0; d < D; d++) o[d] *= inv;
 }
 
 static void attend_head(const float *q, const void *k, const void *v, float *o, float *p, int64_t L, int64_t D,
-                        float scale, int half) {
+                        float scale, int kind) {
+#define ATTEND(D_) (kind == F32 ? attend(q, k, v, o, p, L, D_, scale, F32)    \
+                    : kind == F16 ? attend(q, k, v, o, p, L, D_, scale, F16) \
+                                  : attend(q, k, v, o, p, L, D_, scale, BF16))
 #if SIMD
-    if (D == 64) return half ? attend(q, k, v, o, p, L, 64, scale, 1) : attend(q, k, v, o, p, L, 64, scale, 0);
-    if (D == 128) return half ? attend(q, k, v, o, p, L, 128, scale, 1) : attend(q, k, v, o, p, L, 128, scale, 0);
+    if (D == 64) return ATTEND(64);
+    if (D == 128) return ATTEND(128);
 #endif
-    half ? attend_any(q, k, v, o, p, L, D, scale, 1) : attend_any(q, k, v, o, p, L, D, scale, 0);
+#undef ATTEND
+    kind == F32 ? attend_any(q, k, v, o, p, L, D, scale, F32)
+    : kind == F16 ? attend_any(q, k, v, o, p, L, D, scale, F16) : attend_any(q, k, v, o, p, L, D, scale, BF16);
 }
 
-/* out [B, Hq, D] for q [B, Hq, D]; k, v [slots, Hkv, S, D], float16 when `half`, else float32; slots, positions
+/* out [B, Hq, D] for q [B, Hq, D]; k, v [slots, Hkv, S, D] of the given kind; slots, positions
  * [B] (each position in 0..S-1). Returns 0, or -1 when out of memory. */
 int decode_attention(const float *q, const void *k, const void *v, const int64_t *slots, const int64_t *positions,
-                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int half) {
-    const size_t size = half ? 2 : 4;
+                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int kind) {
+    const size_t size = kind == F32 ? 4 : 2;
     const int64_t G = Hq / Hkv;
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += positions[b] + 1;
@@ -156,7 +170,7 @@ int decode_attention(const float *q, const void *k, const void *v, const int64_t
             if (!p) continue;
             const int64_t b = i / Hq, kv = (slots[b] * Hkv + i % Hq / G) * S * D;
             attend_head(q + i * D, (const char *)k + kv * size, (const char *)v + kv * size, out + i * D, p,
-                        positions[b] + 1, D, scale, half);
+                        positions[b] + 1, D, scale, kind);
         }
         free(p);
     }

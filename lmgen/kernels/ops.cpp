@@ -19,7 +19,7 @@ int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16
               int64_t M, int64_t N, int64_t K);
 int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, float *y, int64_t M, int64_t N, int64_t K);
 int decode_attention(const float *q, const void *k, const void *v, const int64_t *slots, const int64_t *positions,
-                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int half);
+                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int kind);
 void rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t K, float eps);
 void rope(float *x, const float *cos, const float *sin, int64_t M, int64_t stride, int64_t heads, int64_t D);
 void silu_mul(const float *gu, float *y, int64_t M, int64_t I);
@@ -94,10 +94,10 @@ at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor 
                 "decode_attention: q must be float32 [B, Hq, 1, D], got ", q.scalar_type(), " ", q.sizes());
     const int64_t b = q.size(0), hq = q.size(1), d = q.size(3);
     const at::ScalarType kv_type = k_cache.scalar_type();
-    TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && (kv_type == at::kFloat || kv_type == at::kHalf) &&
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && (kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16) &&
                     k_cache.size(4) == d && hq % k_cache.size(2) == 0 && v_cache.sizes() == k_cache.sizes() &&
                     v_cache.is_contiguous() && v_cache.scalar_type() == kv_type,
-                "decode_attention: the caches must be contiguous float32 or float16 [layers, slots, Hkv, S, ", d,
+                "decode_attention: the caches must be contiguous float32, float16 or bfloat16 [layers, slots, Hkv, S, ", d,
                 "] with Hkv dividing ", hq, ", got ", k_cache.scalar_type(), " ", k_cache.sizes(), " and ",
                 v_cache.scalar_type(), " ", v_cache.sizes());
     const int64_t slots_n = k_cache.size(1), hkv = k_cache.size(2), len = k_cache.size(3);
@@ -128,7 +128,7 @@ at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor 
         }
     at::Tensor qc = q.contiguous(), out = at::empty(q.sizes(), q.options());
     const int rc = decode_attention(qc.data_ptr<float>(), kl, vl, sp, pp, out.data_ptr<float>(), b, hq, hkv, len, d,
-                                    (float)scale, kv_type == at::kHalf);
+                                    (float)scale, kv_type == at::kFloat ? 0 : kv_type == at::kHalf ? 1 : 2);
     TORCH_CHECK(rc == 0, "decode_attention: out of memory");
     return out;
 }

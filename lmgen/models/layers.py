@@ -36,11 +36,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if span.count > 1:
             end = span.first + span.count
             rows = slice(span.start, span.start + span.count)
-            keys = cache.k[layer, span.slot:span.slot + 1, :, :end].to(q.dtype)
-            values = cache.v[layer, span.slot:span.slot + 1, :, :end].to(q.dtype)
+            keys = cache.k[layer, span.slot:span.slot + 1, :, :end]
+            values = cache.v[layer, span.slot:span.slot + 1, :, :end]
+            # a bfloat16 cache is read as it is (the CPU computes in it); any other, in the queries' dtype
+            dtype = keys.dtype if keys.dtype == torch.bfloat16 else q.dtype
             mask = None if span.first == 0 else (torch.arange(end, device=q.device)[None, :]
                                                  <= torch.arange(span.first, end, device=q.device)[:, None])
-            out[0, rows] = _sdpa(q[:, :, rows], keys, values, mask, scale, causal=span.first == 0)[0].transpose(0, 1)
+            part = _sdpa(q[:, :, rows].to(dtype), keys.to(dtype), values.to(dtype), mask, scale, causal=span.first == 0)
+            out[0, rows] = part[0].transpose(0, 1).to(q.dtype)
     return out.view(1, n, hq * d)
 
 
