@@ -230,11 +230,7 @@ class KVCache:
 def native_cache_dtype() -> torch.dtype:
     """The native layers' cache type: bfloat16 where the CPU computes in it (AVX-512 BF16), so a prompt piece's
     attention reads the cache as it is (about twice float32's speed); else float16, llama.cpp's default."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
+    flags = kernels.cpu_flags().split()
     return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else torch.float16
 
 

@@ -109,9 +109,10 @@ def describe_weights(path: Path, blocks: str | None, dtype: torch.dtype, quantiz
     """Which path a model's weights take, in words (`lmgen info`, `-v`); `blocks` is GGUFFile.block_type()."""
     name = str(dtype).removeprefix("torch.")
     if quantize == "int4":
-        own = blocks if default else blocks and blocks.replace("/Q8_0", "").replace("Q8_0", "")  # int4 rounds Q8_0
+        types = blocks.split("/") if blocks else []
+        own = "/".join(types if default else [t for t in types if t != "Q8_0"])  # asked for, int4 rounds Q8_0
         kept = f"the file's own {own} blocks" if own else "4-bit blocks quantized at load"
-        kernels = {"Q8_0": "int8"}.get(own, "int4 and int8" if own and "Q8_0" in own else "int4")
+        kernels = "int8" if own == "Q8_0" else "int4 and int8" if "Q8_0" in own else "int4"
         how = "the default for this file; dtype float32 for the dequantized reference" if default else "quantize int4"
         return f"{kernels} kernels on {kept} ({how})"
     if path.is_dir():

@@ -37,14 +37,19 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "kernels"
 
 
-def _cpu_id() -> str:
-    # a -march=native build is specific to this CPU: key it by the CPU's feature flags
+@cache
+def cpu_flags() -> str:
+    """The CPU's feature flags line from /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        flags = ""
-    return platform.machine() + flags
+        return ""
+
+
+def _cpu_id() -> str:
+    # a -march=native build is specific to this CPU: key it by the CPU's feature flags
+    return platform.machine() + cpu_flags()
 
 
 def _compilers() -> tuple[str, str] | None:

@@ -213,9 +213,13 @@ def quantize_modules(model: nn.Module, embedding: str, dtype: torch.dtype = torc
                                          checkpoint_transposed=not isinstance(module, nn.Linear))
     with torch.device("meta"):
         for name, new in swaps.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            _put(model, name, new)
     return swaps
+
+
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -234,8 +238,7 @@ def for_blocks(model: nn.Module, name: str, module: nn.Module, weight) -> nn.Mod
         return module
     with torch.device("meta"):
         new = Int8Linear(module.out_features, module.in_features, bias=module.bias is not None)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    _put(model, name, new)
     return new
 
 
