@@ -345,8 +345,10 @@ int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16
     return matmul(x, &w, bias, y, M, N, K);
 }
 
-/* y[M,N] = x[M,K] @ W^T for int8 rows with a float scale per block of 32. Returns 0, or -1 when out of memory. */
-int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, float *y, int64_t M, int64_t N, int64_t K) {
+/* y[M,N] = x[M,K] @ W^T (+ bias, may be NULL) for int8 rows with a float scale per block of 32. Returns 0, or -1
+ * when out of memory. */
+int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, const float *bias, float *y, int64_t M,
+              int64_t N, int64_t K) {
     const weights w = {NULL, NULL, NULL, q8, block_scale};
-    return matmul(x, &w, NULL, y, M, N, K);
+    return matmul(x, &w, bias, y, M, N, K);
 }

@@ -17,7 +17,8 @@ extern "C" {
 int simd(void);
 int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias, float *y,
               int64_t M, int64_t N, int64_t K);
-int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, float *y, int64_t M, int64_t N, int64_t K);
+int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, const float *bias, float *y, int64_t M,
+              int64_t N, int64_t K);
 int decode_attention(const float *q, const void *k, const void *v, const int64_t *slots, const int64_t *positions,
                      float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int kind);
 void rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t K, float eps);
@@ -39,6 +40,11 @@ void check_weight(const char *op, const at::Tensor &w, at::ScalarType type, int6
                 " ", w.sizes());
 }
 
+void check_bias(const char *op, const std::optional<at::Tensor> &bias, int64_t n) {
+    if (bias) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == n, op,
+                          ": bias must be float32 [", n, "]");
+}
+
 at::Tensor q4_meta(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d, const at::Tensor &m,
                    const std::optional<at::Tensor> &bias) {
     return at::empty({x.size(0), d.size(0)}, x.options());
@@ -52,8 +58,7 @@ at::Tensor q4(const at::Tensor &x, const at::Tensor &qs, const at::Tensor &d, co
     check_weight("q4_matmul", qs, at::kByte, n, k / 2);
     check_weight("q4_matmul", d, at::kHalf, n, k / 32);
     check_weight("q4_matmul", m, at::kHalf, n, k / 32);
-    if (bias) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == n,
-                          "q4_matmul: bias must be float32 [", n, "]");
+    check_bias("q4_matmul", bias, n);
     at::Tensor xc = x.contiguous(), y = q4_meta(xc, qs, d, m, bias);
     const int rc = q4_matmul(xc.data_ptr<float>(), qs.data_ptr<uint8_t>(), (const uint16_t *)d.data_ptr(),
                              (const uint16_t *)m.data_ptr(), bias ? bias->data_ptr<float>() : nullptr,
@@ -66,17 +71,23 @@ at::Tensor q8_meta(const at::Tensor &x, const at::Tensor &q, const at::Tensor &s
     return at::empty({x.size(0), q.size(0)}, x.options());
 }
 
-at::Tensor q8(const at::Tensor &x, const at::Tensor &q, const at::Tensor &scales) {
+at::Tensor q8(const at::Tensor &x, const at::Tensor &q, const at::Tensor &scales,
+              const std::optional<at::Tensor> &bias) {
     check_input("q8_matmul", x);
     const int64_t n = q.size(0), k = x.size(1);
     check_weight("q8_matmul", q, at::kChar, n, k);
     TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat && scales.numel() == n * (k / 32),
                 "q8_matmul: scales must be float32 [", n, ", ", k / 32, "], one per block of 32");
+    check_bias("q8_matmul", bias, n);
     at::Tensor xc = x.contiguous(), y = q8_meta(xc, q, scales);
     const int rc = q8_matmul(xc.data_ptr<float>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(),
-                             y.data_ptr<float>(), xc.size(0), n, k);
+                             bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), xc.size(0), n, k);
     TORCH_CHECK(rc == 0, "q8_matmul: out of memory");
     return y;
+}
+
+at::Tensor q8_op(const at::Tensor &x, const at::Tensor &q, const at::Tensor &scales) {
+    return q8(x, q, scales, std::nullopt);
 }
 
 at::Tensor attention_meta(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
@@ -94,10 +105,12 @@ at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor 
                 "decode_attention: q must be float32 [B, Hq, 1, D], got ", q.scalar_type(), " ", q.sizes());
     const int64_t b = q.size(0), hq = q.size(1), d = q.size(3);
     const at::ScalarType kv_type = k_cache.scalar_type();
-    TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && (kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16) &&
+    const bool kv_ok = kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16;
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && kv_ok &&
                     k_cache.size(4) == d && hq % k_cache.size(2) == 0 && v_cache.sizes() == k_cache.sizes() &&
                     v_cache.is_contiguous() && v_cache.scalar_type() == kv_type,
-                "decode_attention: the caches must be contiguous float32, float16 or bfloat16 [layers, slots, Hkv, S, ", d,
+                "decode_attention: the caches must be contiguous float32, float16 or bfloat16 [layers, slots, Hkv, S, ",
+                d,
                 "] with Hkv dividing ", hq, ", got ", k_cache.scalar_type(), " ", k_cache.sizes(), " and ",
                 v_cache.scalar_type(), " ", v_cache.sizes());
     const int64_t slots_n = k_cache.size(1), hkv = k_cache.size(2), len = k_cache.size(3);
@@ -142,14 +155,8 @@ enum { IN_NORM = 0, QKV = 1, O = 5, POST_NORM = 9, GATE_UP = 10, DOWN = 14 };
 at::Tensor linear(const at::Tensor &x, const at::Tensor *w) {
     std::optional<at::Tensor> bias;
     if (w[3].numel()) bias = w[3];
-    if (w[0].scalar_type() != at::kChar) return q4(x, w[0], w[1], w[2], bias);
-    at::Tensor y = q8(x, w[0], w[1]);  // 8-bit rows and their block scales (w[2] unused)
-    if (bias) {
-        TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == y.size(1),
-                    "q8 linear: bias must be float32 [", y.size(1), "]");
-        for (int64_t i = 0; i < y.size(0); i++) add_into(y.data_ptr<float>() + i * y.size(1), bias->data_ptr<float>(), y.size(1));
-    }
-    return y;
+    if (w[0].scalar_type() == at::kChar) return q8(x, w[0], w[1], bias);  // 8-bit rows, block scales (w[2] unused)
+    return q4(x, w[0], w[1], w[2], bias);
 }
 
 void check_rows(const char *op, const char *name, const at::Tensor &t, int64_t rows, int64_t cols) {
@@ -167,10 +174,10 @@ at::Tensor norm(const at::Tensor &x, const at::Tensor &w, double eps) {
     return y;
 }
 
-const at::Tensor *layer_parts(const char *op, at::TensorList w, int64_t layer) {
-    TORCH_CHECK((layer + 1) * LAYER_PARTS <= (int64_t)w.size(), op, ": expected ", LAYER_PARTS,
-                " weight parts a layer, got ", w.size(), " for layer ", layer);
-    return w.data() + layer * LAYER_PARTS;
+const at::Tensor *layer_parts(const char *op, at::TensorList w) {
+    TORCH_CHECK((int64_t)w.size() >= LAYER_PARTS, op, ": expected ", LAYER_PARTS, " weight parts a layer, got ",
+                w.size(), " for layer 0");
+    return w.data();
 }
 
 // q, k and v [M, (Hq + 2 Hkv) D] for x [M, hidden]: RMSNorm, qkv_proj, then the first `rotated` heads rotated
@@ -204,11 +211,11 @@ at::Tensor out_step(const at::Tensor &x, const at::Tensor &attn, const at::Tenso
 
 at::Tensor layer_in(const at::Tensor &x, at::TensorList w, double eps, const at::Tensor &cos, const at::Tensor &sin,
                     int64_t rotated) {
-    return in_step(x, layer_parts("layer_in", w, 0), eps, cos, sin, rotated);
+    return in_step(x, layer_parts("layer_in", w), eps, cos, sin, rotated);
 }
 
 at::Tensor layer_out(const at::Tensor &x, const at::Tensor &attn, at::TensorList w, double eps) {
-    return out_step(x, attn, layer_parts("layer_out", w, 0), eps);
+    return out_step(x, attn, layer_parts("layer_out", w), eps);
 }
 
 // Every layer of a step whose rows are all lone tokens (one per sequence, at slots and positions): each
@@ -251,7 +258,7 @@ TORCH_LIBRARY(LMGEN_OPS, lib) {
 
 TORCH_LIBRARY_IMPL(LMGEN_OPS, CPU, lib) {
     lib.impl("q4_matmul", &q4);
-    lib.impl("q8_matmul", &q8);
+    lib.impl("q8_matmul", &q8_op);
     lib.impl("decode_attention", &attention);
     lib.impl("layer_in", &layer_in);
     lib.impl("layer_out", &layer_out);
