@@ -81,6 +81,9 @@ def test_decode_attention_names_bad_operands():
         op(new=torch.zeros(1, 3, 2, 64))
     with pytest.raises(RuntimeError, match="slots and positions must be int64 with 1 entries"):
         op(slots=(0, 1))
+    with pytest.raises(RuntimeError, match="the caches must be contiguous float32, float16 or bfloat16 .* got Double"):
+        torch.ops.lmgen.decode_attention(q, new, new, cache.double(), cache.double(), 0, torch.tensor([0]),
+                                         torch.tensor([[0]]), 1.0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -114,10 +114,20 @@ def test_the_native_layers_keep_a_16_bit_cache_and_the_float32_path_a_float32_on
 def test_the_native_layers_add_the_linears_biases(tmp_path):
     folder = make_tiny_llama(tmp_path, hidden_size=128, intermediate_size=256, attention_bias=True, mlp_bias=True)
     lm = lmgen.load(folder, quantize="int4")
-    assert lm.model.fused is not None and lm.model.model.layers[0].self_attn.qkv_proj.bias is not None
+    fused_layers = lm.model.fused
+    assert fused_layers is not None and lm.model.model.layers[0].self_attn.qkv_proj.bias is not None
     tokens = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(3))
     fused = lm.model(tokens)
     lm.model.fused = None
     python = lm.model(tokens)
     assert (fused - python).abs().max() < 0.05 * python.abs().max()
     assert (fused.argmax(-1) == python.argmax(-1)).float().mean() >= 0.9
+    broken = list(fused_layers.layers[0])
+    broken[4] = broken[4][:-1]  # qkv_proj's bias one short
+    x = torch.randn(2, 128)
+    cos, sin = torch.ones(2, 32), torch.zeros(2, 32)
+    with pytest.raises(RuntimeError, match=r"q4_matmul: bias must be float32 \[256\]"):
+        torch.ops.lmgen.layer_in(x, broken, 1e-5, cos, sin, 6)
+    broken[1:4] = torch.zeros(256, 128, dtype=torch.int8), torch.ones(256, 4), torch.empty(0)  # 8-bit rows
+    with pytest.raises(RuntimeError, match=r"q8_matmul: bias must be float32 \[256\]"):
+        torch.ops.lmgen.layer_in(x, broken, 1e-5, cos, sin, 6)
