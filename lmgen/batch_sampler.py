@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import sampling
+from . import constraints, sampling
 from .generate import Continuation, TokenLogprob
 
 NEG_INF = float("-inf")
@@ -29,24 +29,31 @@ def batched(c) -> bool:
 
 def choose(seqs: Sequence[Continuation], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None] | Exception]:
     """Each sequence's next token and logprob entry from its row of logits [B, V]; an exception for a row whose
-    scores leave no token to choose (InvalidScoresError, or a bad logit_bias id)."""
+    scores leave no token to choose (InvalidScoresError, or a bad logit_bias id). Constrained rows are masked
+    first, all in one pass; logprobs stay the model's own (raw) unless logprobs_mode is "processed"."""
     out: list = [None] * len(seqs)
+    masked, dead = constraints.mask_rows([s.matcher for s in seqs], logits)
+    out[:] = [dead.get(i) for i in range(len(seqs))]
     fast = []
     for i, s in enumerate(seqs):
+        if out[i] is not None:
+            continue
         if batched(s.config):
             fast.append(i)
         else:
-            out[i] = _reference(s, logits[i])
+            out[i] = _reference(s, logits[i], None if masked is logits else masked[i])
     if fast:
-        rows = logits if len(fast) == len(seqs) else logits[fast]  # (indexing copies every row)
-        for i, result in zip(fast, _choose_batched([seqs[i] for i in fast], rows)):
+        whole = len(fast) == len(seqs)  # (indexing copies every row)
+        rows = logits if whole else logits[fast]
+        masked_rows = rows if masked is logits else masked if whole else masked[fast]
+        for i, result in zip(fast, _choose_batched([seqs[i] for i in fast], rows, masked_rows)):
             out[i] = result
     return out
 
 
-def _reference(s: Continuation, row: torch.Tensor):
+def _reference(s: Continuation, row: torch.Tensor, masked: torch.Tensor | None):
     try:
-        return s.choose(row)
+        return s.choose(row, masked)
     except (sampling.InvalidScoresError, ValueError) as e:
         return e
 
@@ -55,8 +62,8 @@ def _rows(seqs, want) -> list[int]:
     return [r for r, s in enumerate(seqs) if want(s.config)]
 
 
-def _choose_batched(seqs: list[Continuation], logits: torch.Tensor) -> list:
-    scores = logits.clone()
+def _choose_batched(seqs: list[Continuation], logits: torch.Tensor, masked: torch.Tensor) -> list:
+    scores = logits.clone() if masked is logits else masked  # a masked copy is this pass's own
     vocab = scores.shape[-1]
     device = scores.device
     results: list = [None] * len(seqs)

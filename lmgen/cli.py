@@ -58,6 +58,13 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     for name, help in DECODING_FLAGS.items():
         _bounded(p, name, help)
     p.add_argument("--stop", action="append", default=None, help="stop at this text (repeatable)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", default=None,
+                       help="the output is JSON that validates against this JSON Schema file")
+    shape.add_argument("--regex", default=None, help="the output matches this regular expression")
+    shape.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    shape.add_argument("--grammar", metavar="FILE", default=None,
+                       help="the output follows this grammar file (llama.cpp's GBNF, or llguidance's Lark)")
 
 
 def build_parser() -> argparse.ArgumentParser:

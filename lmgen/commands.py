@@ -23,9 +23,24 @@ def _read(text: str | None) -> str:
 
 def _config(args, **extra) -> GenerationConfig:
     names = ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "seed", "stop", "num_return_sequences", "num_beams", "logprobs"]
+             "seed", "stop", "num_return_sequences", "num_beams", "logprobs", "regex", "choice"]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "json_schema", None):
+        text = _file(args.json_schema, "--json-schema")
+        try:
+            given["json_schema"] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema: {args.json_schema} is not JSON: {e}") from None
+    if getattr(args, "grammar", None):
+        given["grammar"] = _file(args.grammar, "--grammar")
     return GenerationConfig.from_params(**given, **extra)  # bad values fail here, before loading
+
+
+def _file(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag}: cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from None
 
 
 def _load(args, model=None):
@@ -67,6 +82,7 @@ def generate(args) -> int:
     if args.stream and not args.json:
         raise ValueError("--stream goes with --json (plain output always streams)")
     lm = _load(args)
+    lm.check_constraint(config)  # a bad schema or grammar fails before any output
     started, produced = time.perf_counter(), 0
     if args.json and not args.stream:
         gens = lm.generate(prompt, config)
@@ -196,6 +212,7 @@ def chat(args) -> int:
     lm = _load(args)
     if not lm.tokenizer.chat_template:
         raise ValueError(f"{lm.name} has no chat template, so it cannot chat; use `lmgen generate`")
+    lm.check_constraint(config)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
 
@@ -305,7 +322,7 @@ def info(args) -> int:
              "parameters": count_parameters(lm.model), "weights": lm.weights, "context_length": lm.context_length,
              "dtype": str(lm.dtype),
              "device": str(lm.device), "vocab_size": lm.vocab_size, "eos_token_ids": list(lm.eos_token_ids),
-             "chat_template": bool(lm.tokenizer.chat_template)}
+             "chat_template": bool(lm.tokenizer.chat_template), "constraints": lm.constraints.describe()}
     if args.json:
         _out(facts)
     else:

@@ -375,15 +375,18 @@ class EngineCore:
 
 
 def continuations(prompt: list[int], config, n: int, base_seed: int, eos_ids, detokenizer, index0: int = 0,
-                  device="cpu") -> list[Continuation]:
-    """n Continuation objects for a prompt, seeded base_seed + index, so batching never changes a seeded result."""
+                  device="cpu", constraints=None) -> list[Continuation]:
+    """n Continuation objects for a prompt, seeded base_seed + index, so batching never changes a seeded result;
+    `constraints` (constraints.Constraints) gives each its own matcher when the config has a constraint."""
     out = []
+    matchers = constraints.matchers(config, config.stop_token_ids(eos_ids), n) if constraints else [None] * n
     for j in range(n):
         gen = None
         if config.sampling:
             gen = torch.Generator(device).manual_seed(base_seed + index0 + j)
-        text = TextTracker(detokenizer(), config.stop or (), config.include_stop_str_in_output)
-        out.append(Continuation(prompt, config, gen, eos_ids, text))
+        stop = () if matchers[j] else config.stop or ()  # a constraint says where its output ends
+        text = TextTracker(detokenizer(), stop, config.include_stop_str_in_output)
+        out.append(Continuation(prompt, config, gen, eos_ids, text, matchers[j]))
     return out
 
 

@@ -43,8 +43,9 @@ class Continuation:
     """One continuation being generated: its tokens, sampling state, text and stop conditions."""
 
     def __init__(self, prompt: list[int], config: GenerationConfig, generator: torch.Generator | None = None,
-                 eos_ids: Seq[int] = (), text: TextTracker | None = None):
+                 eos_ids: Seq[int] = (), text: TextTracker | None = None, matcher=None):
         self.prompt, self.config, self.generator = prompt, config, generator
+        self.matcher = matcher  # its place in a constraint (constraints.Matcher), when it has one
         eos = config.stop_token_ids(eos_ids)
         self.eos = set(eos)
         self.processors = sampling.build_processors(config, len(prompt), eos)
@@ -63,13 +64,14 @@ class Continuation:
         """Choose and append the next token from this sequence's logits [V]; return the text it releases."""
         return self.accept(*self.choose(logits), max_length)
 
-    def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """The next token from logits [V] through this sequence's own processors (the per-row reference), and its
-        logprob entry when asked for; InvalidScoresError when no token can be chosen."""
-        scores = logits
+    def choose(self, logits: torch.Tensor, masked: torch.Tensor | None = None) -> tuple[int, TokenLogprob | None]:
+        """The next token from logits [V] (`masked`: with its constraint's mask applied) through this sequence's own
+        processors (the per-row reference), and its logprob entry when asked for; InvalidScoresError when no token
+        can be chosen."""
+        scores = logits if masked is None else masked
         if self.processors:
             ids = torch.tensor([self.prompt + self.tokens], device=logits.device)
-            scores = sampling.apply_processors(self.processors, ids, logits[None])[0]
+            scores = sampling.apply_processors(self.processors, ids, scores[None])[0]
         c = self.config
         token = None if c.sampling else int(sampling.greedy(scores))
         sampling.check_scores(logits, scores, c, token)  # before a draw: it cannot draw from NaN
@@ -92,12 +94,15 @@ class Continuation:
             self.logprobs.append(logprob)
         self.tokens.append(token)
         piece = ""
+        complete = self.matcher is not None and self.matcher.accept(token)
         if token in self.eos:
             self.finish_reason, self.stop_reason = "stop", token
         elif self.text is not None:
             piece = self.text.add(token)
             if self.text.matched is not None:
                 self.finish_reason, self.stop_reason = "stop", self.text.matched
+        if complete and self.finish_reason is None:  # the constraint is satisfied and allows nothing more
+            self.finish_reason = "stop"
         if self.finish_reason is None and (len(self.tokens) >= c.max_new_tokens or self.length >= max_length):
             self.finish_reason = "length"
         if self.finish_reason is not None and self.text is not None:

@@ -11,6 +11,7 @@ import torch
 
 from .cache import KVCache
 from .compiled import CompiledDecode
+from .constraints import Constraints, constraint_of
 from .core import EngineCore, Event, Generate, PromptScore, Work, beam_work, continuations
 from .generate import Generation, TokenLogprob
 from .params import GenerationConfig
@@ -44,6 +45,7 @@ class LM:
         self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else tokenizer.eos_token_ids)
         self._core: EngineCore | None = None
         self._compiled = None
+        self._constraints: Constraints | None = None
 
     def compile(self) -> "LM":
         """Compile single-sequence decoding with torch.compile, and on a GPU replay it as a CUDA graph.
@@ -53,6 +55,19 @@ class LM:
         self._compiled = CompiledDecode(self.model)
         self._core = None
         return self
+
+    @property
+    def constraints(self) -> Constraints:
+        """The mask library's set-up for this tokenizer (lmgen.load makes it at load; else on first use)."""
+        if self._constraints is None:
+            self._constraints = Constraints(self.tokenizer, self.vocab_size)
+        return self._constraints
+
+    def check_constraint(self, config: GenerationConfig) -> None:
+        """Raise ParameterError (naming the field) unless the config's constraint compiles for this tokenizer."""
+        found = constraint_of(config)
+        if found is not None:
+            self.constraints.compile(*found)
 
     @property
     def config(self):
@@ -195,8 +210,9 @@ class LM:
         if config.num_beams > 1:
             return beam_work(ids, config, self.eos_token_ids, max_length, self.tokenizer.decode)
         seed = _base_seed(config, base_seed)
+        constraints = self.constraints if constraint_of(config) else None
         seqs = continuations(ids, config, config.num_return_sequences, seed, self.eos_token_ids,
-                             self.tokenizer.detokenizer, index0, self.device)
+                             self.tokenizer.detokenizer, index0, self.device, constraints)
         return Generate(ids, seqs, max_length)
 
     def _works(self, prompts: list[list[int]], config: GenerationConfig) -> list[Work]:

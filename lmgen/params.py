@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_LOGPROBS = 20
+CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "grammar")  # at most one per request (constraints.py)
 GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily, as vLLM does: dividing by it overflows
 
 
@@ -145,6 +146,12 @@ class GenerationConfig:
     logprobs: int | None = None
     logprobs_mode: str = "raw"  # "raw": the model's distribution; "processed": after the processors
     prompt_logprobs: int | None = None
+    # Constrained output (one of them): a JSON schema (a dict or its JSON text), a regex the whole output matches,
+    # one of a list of strings, or a grammar (llama.cpp's GBNF, or llguidance's Lark). Stop strings do not cut it.
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -155,7 +162,14 @@ class GenerationConfig:
             value, check, bound = getattr(self, f.name), _CHECKS.get(f.name), BOUNDS.get(f.name)
             if not (check[0](value) if check else bound.ok(value)):
                 raise ParameterError(f.name, check[1] if check else bound.text(), value)  # worded only when wrong
+        given = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ParameterError(given[1], f"unset with {given[0]}", None,
+                                 message=f"{given[0]} and {given[1]} cannot be used together: give one constraint")
         if self.num_beams > 1:
+            if given:
+                raise ParameterError(given[0], "None with num_beams > 1", None,
+                                     message=f"{given[0]} is not supported with num_beams > 1")
             if self.num_return_sequences > self.num_beams:
                 raise ParameterError("num_return_sequences", f"<= num_beams ({self.num_beams}) in beam search",
                                      self.num_return_sequences)
@@ -226,4 +240,10 @@ _CHECKS = {
     "early_stopping": (lambda x: isinstance(x, bool) or x == "never", "True, False or 'never'"),
     "weighted": (_flag, "True or False"),
     "logprobs_mode": (lambda x: x in ("raw", "processed"), "'raw' or 'processed'"),
+    "json_schema": (lambda x: x is None or isinstance(x, (dict, str)) and bool(x),
+                    "None, a JSON schema (a dict) or its JSON text"),
+    "regex": (lambda x: x is None or isinstance(x, str) and bool(x), "None or a non-empty string"),
+    "choice": (lambda x: x is None or isinstance(x, list) and x and all(isinstance(c, str) and c for c in x),
+               "None or a non-empty list of non-empty strings"),
+    "grammar": (lambda x: x is None or isinstance(x, str) and bool(x.strip()), "None or a non-empty grammar text"),
 }

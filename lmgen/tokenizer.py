@@ -64,8 +64,10 @@ class Tokenizer:
         """A fresh streaming detokenizer for one sequence."""
         return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's chat template, as transformers does (tokenize=False)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render messages (and tools, for a template that takes them) with the model's chat template, as
+        transformers does (tokenize=False)."""
         if self.chat_template is None:
             raise LmgenError("this tokenizer has no chat template; pass the prompt as plain text "
                              "(or set tokenizer.chat_template to a Jinja template)")
@@ -73,7 +75,7 @@ class Tokenizer:
             self._template = (self.chat_template, _compile_template(self.chat_template))
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         try:
-            return self._template[1].render(messages=messages, add_generation_prompt=add_generation_prompt,
+            return self._template[1].render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                             bos_token=self._text_of(self.bos_token_id),
                                             eos_token=self._text_of(eos))
         except jinja2.TemplateError as e:

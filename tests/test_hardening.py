@@ -242,9 +242,8 @@ def test_the_chosen_token_is_added_when_beyond_the_top_n(server):
     ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
     ({"function_call": {"name": "f"}}, "function_call"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
 ])
-def test_legacy_functions_are_refused_like_tools(server, body, param):
+def test_legacy_functions_are_refused(server, body, param):
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], **body})
     error = error_of(r, 400)
     assert error["param"] == param and "not supported" in error["message"]

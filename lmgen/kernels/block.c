@@ -80,3 +80,25 @@ void silu_mul(const float *gu, float *y, int64_t M, int64_t I) {
 void add_into(float *y, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += x[i];
 }
+
+/* Constrained decoding's mask: scores[i, j] = -inf wherever bit j of row i's mask is clear (bits [M, W], 32
+   tokens a word, least significant bit first); counts[i] = the tokens row i still allows among its V. */
+void apply_bitmask(float *scores, const int32_t *bits, int64_t *counts, int64_t M, int64_t V, int64_t W) {
+    for (int64_t i = 0; i < M; i++) {
+        float *row = scores + i * V;
+        int64_t count = 0;
+        for (int64_t w = 0; w < W && w * 32 < V; w++) {
+            const uint32_t word = (uint32_t)bits[i * W + w];
+            const int64_t n = V - w * 32 < 32 ? V - w * 32 : 32;
+            if (word == 0xffffffffu && n == 32) {
+                count += 32;
+                continue;
+            }
+            for (int64_t b = 0; b < n; b++) {
+                if ((word >> b) & 1u) count++;
+                else row[w * 32 + b] = -INFINITY;
+            }
+        }
+        counts[i] = count;
+    }
+}

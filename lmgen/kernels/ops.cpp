@@ -25,6 +25,7 @@ void rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t K, fl
 void rope(float *x, const float *cos, const float *sin, int64_t M, int64_t stride, int64_t heads, int64_t D);
 void silu_mul(const float *gu, float *y, int64_t M, int64_t I);
 void add_into(float *y, const float *x, int64_t n);
+void apply_bitmask(float *scores, const int32_t *bits, int64_t *counts, int64_t M, int64_t V, int64_t W);
 }
 
 namespace {
@@ -240,6 +241,20 @@ at::Tensor decode_layers(const at::Tensor &x, at::TensorList w, double eps, cons
     return h;
 }
 
+// Constrained decoding: scores [M, V] float32 set to -inf where the bitmask [M, W] int32 has a clear bit, in place;
+// returns each row's count of allowed tokens.
+at::Tensor token_bitmask(at::Tensor &scores, const at::Tensor &bits) {
+    TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
+                "apply_token_bitmask: scores must be contiguous float32 [M, V]");
+    TORCH_CHECK(bits.dim() == 2 && bits.is_contiguous() && bits.scalar_type() == at::kInt &&
+                    bits.size(0) == scores.size(0) && bits.size(1) * 32 >= scores.size(1),
+                "apply_token_bitmask: bits must be contiguous int32 [M, >= V / 32], got ", bits.sizes());
+    at::Tensor counts = at::empty({scores.size(0)}, scores.options().dtype(at::kLong));
+    apply_bitmask(scores.data_ptr<float>(), bits.data_ptr<int32_t>(), counts.data_ptr<int64_t>(), scores.size(0),
+                  scores.size(1), bits.size(1));
+    return counts;
+}
+
 bool vectorized() { return simd() != 0; }
 
 }  // namespace
@@ -253,6 +268,7 @@ TORCH_LIBRARY(LMGEN_OPS, lib) {
     lib.def("layer_out(Tensor x, Tensor attn, Tensor[] layer, float eps) -> Tensor");
     lib.def("decode_layers(Tensor x, Tensor[] weights, float eps, Tensor cos, Tensor sin, int n_heads, "
             "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor positions, float scale) -> Tensor");
+    lib.def("apply_token_bitmask(Tensor(a!) scores, Tensor bits) -> Tensor");
     lib.def("simd() -> bool", &vectorized);
 }
 
@@ -263,6 +279,7 @@ TORCH_LIBRARY_IMPL(LMGEN_OPS, CPU, lib) {
     lib.impl("layer_in", &layer_in);
     lib.impl("layer_out", &layer_out);
     lib.impl("decode_layers", &decode_layers);
+    lib.impl("apply_token_bitmask", &token_bitmask);
 }
 
 TORCH_LIBRARY_IMPL(LMGEN_OPS, Meta, lib) {

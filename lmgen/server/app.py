@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import tools
 from ..engine import Engine, EngineFull, EngineStopped
 from ..errors import LmgenError
 from ..params import GenerationConfig, ParameterError
@@ -105,8 +106,16 @@ class ServerState:
         if bad:
             raise APIError(400, f"{param} must be token ids in [0, {self.lm.vocab_size}), got {bad[:5]}", param=param)
 
-    def submit(self, prompts: list[list[int]], config: GenerationConfig) -> list:
-        """One engine request per prompt; 429 (Retry-After) when the queue is full, 503 when shutting down."""
+    def check_constraint(self, field: str, value, param: str) -> None:
+        """400 naming `param` unless the constraint compiles for the served model."""
+        try:
+            self.lm.constraints.compile(field, value)
+        except ParameterError as e:
+            raise from_parameter_error(e, {field: param}) from None
+
+    def submit(self, prompts: list[list[int]], config: GenerationConfig, names: dict[str, str] | None = None) -> list:
+        """One engine request per prompt; 429 (Retry-After) when the queue is full, 503 when shutting down.
+        `names`: the request's own names of GenerationConfig fields, for a 400 that names one."""
         if self.shutting_down:
             raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
         requests = []
@@ -115,7 +124,7 @@ class ServerState:
                 requests.append(self.engine.submit(ids, config))
         except ParameterError as e:
             cancel(requests)
-            raise from_parameter_error(e) from None
+            raise from_parameter_error(e, names) from None
         except EngineFull as e:
             cancel(requests)
             if self.shutting_down:
@@ -326,7 +335,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
             async with forward_gate(request):
                 await asyncio.to_thread(_echo, state, prompts, ids, choices, n, body.logprobs)
         prompt_tokens = sum(len(i) for i in ids)
-        requests = state.submit(ids, config) if max_tokens else []
+        requests = state.submit(ids, config, body.constraint_names()) if max_tokens else []
         base = _base(state, "cmpl", "text_completion")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -346,9 +355,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
         """Answer through the model's chat template; `stream: true` sends chat.completion.chunk events."""
         state.check_model(body.model)
         body.check()
-        messages = template_messages(body.messages)
+        callable_tools = body.callable_tools() if body.calls_tools() else []
+        for i, t in enumerate(body.tools or ()):  # each schema compiles, or the 400 names it
+            if t.function.parameters is not None:
+                state.check_constraint("json_schema", t.function.parameters, f"tools[{i}].function.parameters")
+        native = tools.native(state.lm.tokenizer.chat_template)
+        messages = tools.prompt_messages(template_messages(body.messages), callable_tools, native)
         try:
-            ids = await asyncio.to_thread(_chat_ids, state.lm, messages)
+            ids = await asyncio.to_thread(_chat_ids, state.lm, messages, callable_tools if native else None)
         except (LmgenError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
         limit = engine.max_model_len
@@ -358,21 +372,31 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
                                 f"maximum length of {limit} tokens.", param="messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         config = state.config(body, max_tokens, logprobs, [len(ids)])
+        if callable_tools:
+            config = GenerationConfig.from_params(config, grammar=tools.grammar(
+                callable_tools, forced=body.tool_choice not in (None, "auto")))
         n = body.n
         choices = [Choice(j) for j in range(n)]
-        requests = state.submit([ids], config)
+        parsers = [tools.ToolCallParser() for _ in choices] if callable_tools else None
+        requests = state.submit([ids], config, body.constraint_names())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             base = _base(state, "chatcmpl", "chat.completion.chunk")
             return EventStream(_stream_chat(state, requests, choices, base, len(ids), body.logprobs,
-                                            include_usage), requests)
+                                            include_usage, parsers), requests)
         if not await collect(state, requests, choices, n, request):
             return Response(status_code=499)
         base = _base(state, "chatcmpl", "chat.completion")
-        return JSONResponse(dict(base, choices=[
-            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-             "logprobs": chat_logprobs(c.logprobs, state.strings) if body.logprobs else None}
-            for c in choices], usage=usage(len(ids), choices)))
+        answers = []
+        for c in choices:
+            message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+            if parsers:
+                parser = parsers[c.index]
+                parser.feed(c.text, final=True)
+                message, finish = _tool_message(parser), _tool_finish(parser, finish)
+            answers.append({"index": c.index, "message": message, "finish_reason": finish,
+                            "logprobs": chat_logprobs(c.logprobs, state.strings) if body.logprobs else None})
+        return JSONResponse(dict(base, choices=answers, usage=usage(len(ids), choices)))
 
     def openapi():
         # Invalid bodies get 400 in OpenAI's shape, never FastAPI's 422: keep the schema honest.
@@ -410,10 +434,10 @@ def _echo(state: ServerState, prompts: list, ids: list[list[int]], choices: list
             c.text, c.logprobs = text, list(entries)
 
 
-def _chat_ids(lm, messages: list[dict]) -> list[int]:
+def _chat_ids(lm, messages: list[dict], tool_list: list[dict] | None = None) -> list[int]:
     if not lm.tokenizer.chat_template:
         raise ValueError(f"{lm.name} has no chat template: use /v1/completions")
-    text = lm.tokenizer.apply_chat_template(messages)
+    text = lm.tokenizer.apply_chat_template(messages, tools=tool_list)
     return lm.encode(lm.tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -443,8 +467,9 @@ async def _stream_completion(state, requests, choices, n, base, prompt_tokens, w
     yield DONE
 
 
-async def _stream_chat(state, requests, choices, base, prompt_tokens, with_logprobs, include_usage):
-    """chat.completion.chunk events: the role first, then content deltas, then each choice's finish_reason."""
+async def _stream_chat(state, requests, choices, base, prompt_tokens, with_logprobs, include_usage, parsers=None):
+    """chat.completion.chunk events: the role first, then content (or tool call) deltas, then each choice's
+    finish_reason."""
     extra = {"usage": None} if include_usage else {}
 
     def chunk(index, delta, logprobs=None, finish=None):
@@ -460,11 +485,31 @@ async def _stream_chat(state, requests, choices, base, prompt_tokens, with_logpr
             return
         c = choices[event.index]
         added = c.add(event)
-        if event.text or added:
-            logprobs = chat_logprobs(added, state.strings) if with_logprobs else None
-            yield chunk(c.index, {"content": event.text}, logprobs)
+        logprobs = chat_logprobs(added, state.strings) if with_logprobs and added else None
+        if parsers is None:
+            deltas = [{"content": event.text}] if event.text or added else []
+        else:
+            deltas = parsers[c.index].feed(event.text, final=event.generation is not None)
+            if added and not deltas:  # a token whose text a tag holds back still sends its logprobs
+                deltas = [{"content": ""}]
+        for delta in deltas:
+            yield chunk(c.index, delta, logprobs)
+            logprobs = None
         if event.generation is not None:
-            yield chunk(c.index, {}, finish=c.finish_reason)
+            finish = c.finish_reason if parsers is None else _tool_finish(parsers[c.index], c.finish_reason)
+            yield chunk(c.index, {}, finish=finish)
     if include_usage:
         yield sse(dict(base, choices=[], usage=usage(prompt_tokens, choices)))
     yield DONE
+
+
+def _tool_message(parser: tools.ToolCallParser) -> dict:
+    """The assistant message of a reply that may hold tool calls."""
+    if not parser.calls:
+        return {"role": "assistant", "content": parser.content}
+    return {"role": "assistant", "content": parser.content or None, "tool_calls": parser.calls}
+
+
+def _tool_finish(parser: tools.ToolCallParser, finish: str | None) -> str | None:
+    """"tool_calls" for a reply that ended on its finished calls."""
+    return "tool_calls" if finish == "stop" and parser.complete else finish

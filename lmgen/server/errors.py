@@ -35,9 +35,10 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def from_parameter_error(e: ParameterError) -> APIError:
-    """A 400 for a ParameterError from a request model or GenerationConfig, named as the API names the field."""
-    name = API_NAMES.get(e.field, e.field)
+def from_parameter_error(e: ParameterError, names: dict[str, str] | None = None) -> APIError:
+    """A 400 for a ParameterError from a request model or GenerationConfig, named as the API (or `names`, the
+    request's own spelling of a field) names the field."""
+    name = (names or {}).get(e.field) or API_NAMES.get(e.field, e.field)
     return APIError(400, e.describe(name), param=name)
 
 

@@ -46,6 +46,36 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with the usage of the whole request.")
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format's json_schema: a named schema the output must validate against."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = Field(description="The schema's name.")
+    description: str | None = Field(None, description="What the output is for.")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema.")
+    strict: bool | None = Field(None, description="Accepted: the output always follows the schema.")
+
+
+class ResponseFormat(BaseModel):
+    """The output's format: free text, any JSON object, or JSON that validates against a schema."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"] = Field(description='"text", "json_object" or '
+                                                                '"json_schema".')
+    json_schema: JsonSchemaFormat | None = Field(None, description='With type "json_schema": the schema.')
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: one constraint on the output."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON Schema (or its text).")
+    regex: str | None = Field(None, description="A regular expression the whole output matches.")
+    choice: list[str] | None = Field(None, description="The output is one of these strings.")
+    grammar: str | None = Field(None, description="A grammar: llama.cpp's GBNF, or llguidance's Lark.")
+    json_object: bool | None = Field(None, description="Any JSON object.")
+
+
 class SamplingRequest(BaseModel):
     """Fields both endpoints share: OpenAI's, then lmgen's samplers (extra body fields); unknown ones are ignored."""
 
@@ -98,6 +128,15 @@ class SamplingRequest(BaseModel):
         "length_penalty", "Beam search: a hypothesis's score is its log-probability over length ** this."))
     early_stopping: bool | Literal["never"] = Field(False, description="Beam search: stop when n hypotheses are "
                                                     "done (true), by transformers' heuristic (false), or never.")
+    # Constrained output: one of these (OpenAI's response_format, vLLM's structured_outputs or guided_* fields).
+    response_format: ResponseFormat | None = Field(None, description='{"type": "text"}, {"type": "json_object"} '
+                                                   'or {"type": "json_schema", "json_schema": {"name", "schema"}}.')
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's constraint object: json, "
+                                                         "regex, choice, grammar or json_object.")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older name: a JSON Schema.")
+    guided_regex: str | None = Field(None, description="vLLM's older name: a regex the output matches.")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older name: one of these strings.")
+    guided_grammar: str | None = Field(None, description="vLLM's older name: a GBNF or Lark grammar.")
 
     def check(self) -> None:
         """Reject field combinations the schema cannot state (ParameterError naming the field)."""
@@ -105,10 +144,41 @@ class SamplingRequest(BaseModel):
             raise ParameterError("stream_options", "unset unless stream is true", self.stream_options,
                                  message="stream_options is only allowed with stream: true")
 
+    def constraint(self) -> tuple[str, object, str] | None:
+        """The one constraint asked for, as (GenerationConfig field, value, the request's field), or None."""
+        found = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("json_schema", {"type": "object"}, "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ParameterError("response_format", "", None, message='response_format of type "json_schema" '
+                                     "needs json_schema.schema")
+            found.append(("json_schema", rf.json_schema.schema_, "response_format.json_schema.schema"))
+        so = self.structured_outputs
+        if so is not None:
+            found += [(field, value, f"structured_outputs.{name}") for field, name, value in (
+                ("json_schema", "json", so.json_), ("regex", "regex", so.regex), ("choice", "choice", so.choice),
+                ("grammar", "grammar", so.grammar),
+                ("json_schema", "json_object", {"type": "object"} if so.json_object else None)) if value is not None]
+        found += [(field, getattr(self, f"guided_{name}"), f"guided_{name}") for field, name in (
+            ("json_schema", "json"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar"))
+            if getattr(self, f"guided_{name}") is not None]
+        if len(found) > 1:
+            raise ParameterError(found[1][2], "", None, message=f"{found[0][2]} and {found[1][2]} cannot be used "
+                                 "together: give one constraint")
+        return found[0] if found else None
+
+    def constraint_names(self) -> dict[str, str]:
+        """GenerationConfig's constraint field -> the request's name for it, for errors."""
+        found = self.constraint()
+        return {found[0]: found[2]} if found else {}
+
     def to_generation_config(self, max_tokens: int, logprobs: int | None = None,
                              eos_token_id: list[int] | None = None) -> GenerationConfig:
         """The GenerationConfig this request asks for; ParameterError (lmgen's or the API's field name) otherwise."""
         self.check()
+        found = self.constraint()
         temperature = 1.0 if self.temperature is None else self.temperature  # OpenAI's default
         beams = 1
         if self.use_beam_search:
@@ -116,6 +186,14 @@ class SamplingRequest(BaseModel):
                 raise ParameterError("logprobs", "unset with use_beam_search", logprobs,
                                      message="logprobs are not returned with use_beam_search")
             beams = max(getattr(self, "best_of", None) or self.n, self.n, 2)
+        try:
+            return self._config(found, beams, max_tokens, temperature, logprobs, eos_token_id)
+        except ParameterError as e:  # a constraint's check: named as the request names it
+            if found and e.field == found[0]:
+                raise ParameterError(found[2], e.requirement, e.value, message=e.message) from None
+            raise
+
+    def _config(self, found, beams, max_tokens, temperature, logprobs, eos_token_id) -> GenerationConfig:
         return GenerationConfig(
             num_beams=beams, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
             max_new_tokens=max_tokens, do_sample=not self.use_beam_search, temperature=temperature,
@@ -125,7 +203,8 @@ class SamplingRequest(BaseModel):
             no_repeat_ngram_size=self.no_repeat_ngram_size or None, min_new_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, stop=[self.stop] if isinstance(self.stop, str) else self.stop,
             include_stop_str_in_output=self.include_stop_str_in_output, num_return_sequences=self.n,
-            seed=self.seed, logprobs=logprobs, logit_bias=self.token_biases(), eos_token_id=eos_token_id)
+            seed=self.seed, logprobs=logprobs, logit_bias=self.token_biases(), eos_token_id=eos_token_id,
+            **({found[0]: found[1]} if found else {}))
 
     def token_biases(self) -> dict[int, float] | None:
         """logit_bias with integer keys (OpenAI sends the token ids as JSON object keys, so as strings)."""
@@ -181,6 +260,23 @@ class ContentPart(BaseModel):
     text: str | None = Field(None, description="The text of a text part.")
 
 
+class FunctionCall(BaseModel):
+    """A call the model made: the function's name and its arguments as JSON text."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str = Field(description="The arguments, a JSON object's text.")
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     """One message of the conversation."""
 
@@ -188,6 +284,39 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Who says it.")
     content: str | list[ContentPart] | None = Field(None, description="The text, or a list of text parts.")
     name: str | None = Field(None, description="An optional name for the participant.")
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's tool calls.")
+    tool_call_id: str | None = Field(None, description="A tool message's answer to this call id.")
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Letters, digits, _ . and -: at most 64.")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="The arguments' JSON Schema (an object).")
+    strict: bool | None = Field(None, description="Accepted: calls always follow the schema.")
+
+
+class Tool(BaseModel):
+    """A tool: a function."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice naming one function: the reply is a call to it."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -201,7 +330,14 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
                                      message="only text content parts are supported")
             content = "".join(part.text for part in content)
         role = "system" if m.role == "developer" else m.role  # chat templates predate "developer"
-        out.append({"role": role, "content": content or "", **({"name": m.name} if m.name else {})})
+        message = {"role": role, "content": content or ""}
+        if m.name:
+            message["name"] = m.name
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
     return out
 
 
@@ -215,28 +351,49 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
     top_logprobs: bounded("logprobs") | None = Field(None, description=about(
         "logprobs", "With logprobs: the most likely alternatives per token."))
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is supported.')
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be unset or empty.")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(None, description=(
+        '"auto" (the default with tools): text or a call; "required": a call; a named function: a call to it; '
+        '"none": text.'))
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; a reply makes at most one call.")
     functions: list[dict[str, Any]] | None = Field(None, description="Legacy tools; not supported: must be unset "
                                                    "or empty.")
     function_call: str | dict[str, Any] | None = Field(None, description='Legacy tool choice; only "none" (or '
                                                        "unset) is supported.")
 
     def check(self) -> None:
-        """Also: no tools, functions or structured output; top_logprobs needs logprobs."""
+        """Also: no legacy functions; tool_choice among the tools, not with another constraint; top_logprobs needs
+        logprobs."""
         super().check()
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise ParameterError(name, "unset or empty", None, message=f"{name} are not supported by this server")
+        if self.functions:
+            raise ParameterError("functions", "unset or empty", None,
+                                 message="functions (the legacy field) are not supported: use tools")
         if self.function_call not in (None, "none"):
             raise ParameterError("function_call", "unset or 'none'", None,
-                                 message="function_call is not supported by this server (functions are not)")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ParameterError("response_format", '{"type": "text"}', None,
-                                 message='only response_format {"type": "text"} is supported')
+                                 message="function_call (the legacy field) is not supported: use tool_choice")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ParameterError("tool_choice", "unset without tools", None,
+                                 message="tool_choice needs tools: none were given")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in [t.function.name for t in self.tools]:
+            raise ParameterError("tool_choice", "a given tool", None, message=(
+                f"tool_choice names the function {choice.function.name!r}, which is not among the tools"))
+        if self.calls_tools() and self.constraint() is not None:
+            raise ParameterError("tool_choice", '"none" with a constraint', None, message=(
+                f"{self.constraint()[2]} and tools cannot be used together: give one, or tool_choice \"none\""))
         if self.top_logprobs is not None and not self.logprobs:
             raise ParameterError("top_logprobs", "unset unless logprobs is true", self.top_logprobs,
                                  message="top_logprobs needs logprobs: true")
+
+    def calls_tools(self) -> bool:
+        """Whether the reply may be a tool call (tools given, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def callable_tools(self) -> list[dict]:
+        """The tools a reply may call (the named one alone when tool_choice names one), as dicts."""
+        choice = self.tool_choice
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        return [t.model_dump(exclude_none=True) for t in self.tools or () if named in (None, t.function.name)]
 
 
 # ------------------------------------------------------------------ responses (documentation only)
@@ -304,6 +461,8 @@ class AssistantMessage(BaseModel):
 
     role: Literal["assistant"] | None = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, description="The calls the reply makes (in chunks: each call's "
+                                              "index, then its id and name, then pieces of its arguments).")
 
 
 class ChatChoice(BaseModel):
@@ -312,7 +471,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionResponse(BaseModel):
