@@ -9,7 +9,9 @@ Why llguidance: BENCHMARKS.md ("Issue 16"), measured against xgrammar and outlin
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
+import os
 import time
 
 import llguidance
@@ -95,7 +97,7 @@ class Constraints:
 
     def describe(self) -> str:
         """The mask library and its set-up time, in words (`lmgen info`)."""
-        return f"llguidance {llguidance.get_version()}, tokenizer set up in {self.setup_seconds * 1000:.0f} ms"
+        return f"{llguidance.get_version()}, tokenizer set up in {self.setup_seconds * 1000:.0f} ms"
 
     def compile(self, field: str, value) -> llguidance.LLMatcher:
         """A fresh matcher for a constraint; ParameterError naming the field when it is invalid."""
@@ -131,9 +133,26 @@ class Matcher:
         self.library_eos = constraints.tokenizer.eos_tokens  # the library allows these where it accepts
         self.vocab = constraints.vocab_size
         self.decode, self.tokens = constraints.decode, []
+        self.ahead: concurrent.futures.Future | None = None  # the next mask, being filled while the forward runs
+
+    def fill(self, bits: torch.Tensor, row: int) -> None:
+        """Write the library's mask for the next token into bits[row] (from the one filled ahead when it is)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            done, words = ahead.result()
+            if done == len(self.tokens):
+                bits[row] = words
+                return
+        llg_torch.fill_next_token_bitmask(self.matcher, bits, row)
+
+    def _fill_ahead(self) -> tuple[int, torch.Tensor]:
+        words = torch.full((1, (self.vocab + 31) // 32), -1, dtype=torch.int32)
+        llg_torch.fill_next_token_bitmask(self.matcher, words, 0)
+        return len(self.tokens), words[0]
 
     def accept(self, token: int) -> bool:
         """Advance past a chosen token; True when the constraint is complete (only EOS could follow)."""
+        self.ahead = None
         if token in self.eos:
             return True
         self.tokens.append(token)
@@ -145,20 +164,32 @@ class Matcher:
         return ConstraintDeadEnd(self.field, self.decode(self.tokens), self.matcher.get_error())
 
 
-_executor: llguidance.LLExecutor | None = None
 _BYTE_BITS = torch.tensor([[0.0 if (b >> i) & 1 else float("-inf") for i in range(8)] for b in range(256)])
+
+
+_ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmgen-masks")
+FILL_AHEAD: bool | None = None  # None: when a core is free during the forward; the benchmark forces it either way
+
+
+def fill_ahead(matchers: list[Matcher], device: torch.device) -> None:
+    """Start filling these matchers' next masks on a worker thread (the library drops the GIL) while the forward
+    computes their logits, where a core is free for it: the forward runs on a GPU, or on fewer threads than the
+    CPU has cores. Where it is not, the worker only slows the forward (BENCHMARKS.md), so masks fill inline."""
+    ahead = FILL_AHEAD
+    if ahead is None:
+        ahead = device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+    for m in matchers if ahead else ():
+        m.ahead = _ahead.submit(m._fill_ahead)
 
 
 def token_bitmask(matchers: list[Matcher], vocab: int) -> torch.Tensor:
     """The tokens each matcher allows next, as llguidance's bitmask int32 [n, words] (bit j of a row: token j);
     EOS exactly where its constraint accepts."""
-    global _executor
-    bits = llg_torch.allocate_token_bitmask(len(matchers), matchers[0].vocab)  # the library's vocabulary
-    if len(matchers) == 1:
-        llg_torch.fill_next_token_bitmask(matchers[0].matcher, bits, 0)
-    else:  # the library's threads, one row each
-        _executor = _executor or llguidance.LLExecutor()
-        llg_torch.fill_next_token_bitmask_par(_executor, [(m.matcher, i) for i, m in enumerate(matchers)], bits)
+    bits = torch.full((len(matchers), (matchers[0].vocab + 31) // 32), -1, dtype=torch.int32)
+    # One row after another, not the library's parallel fill: that hands rows to threads that wait for cores the
+    # forward's OpenMP threads still spin on (5x slower at batch 16 on 2 cores, BENCHMARKS.md).
+    for i, m in enumerate(matchers):
+        m.fill(bits, i)
     words = bits.numpy().view(np.uint32)
     for r, m in enumerate(matchers):
         accepting = m.matcher.is_accepting()

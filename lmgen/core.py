@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import batch_sampler, sampling
+from . import batch_sampler, constraints, sampling
 from .beam import Beam, BeamState
 from .cache import KVCache, Span
 from .generate import Continuation, Generation, TokenLogprob, token_logprob
@@ -326,6 +326,9 @@ class EngineCore:
                 wants.append((work, i, len(rows), None))
                 rows.append(start + n - 1)
         device = self.cache.k.device
+        constraints.fill_ahead([s.matcher for w, i, _, _ in wants if isinstance(w, Generate)
+                                for s in (w.seqs if len(w.seqs) > 1 and not w.seqs[0].tokens else [w.seqs[i]])
+                                if s.matcher is not None], device)
         if self.decode_one is not None and len(spans) == 1 and spans[0].count == 1:
             self.cache.ensure(spans[0].first + 1)
             positions = torch.tensor([[spans[0].first]])

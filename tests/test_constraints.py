@@ -172,3 +172,20 @@ def test_the_mask_kernel_equals_the_torch_path_in_every_build(ops):
         assert counts == apply_bitmask_torch(reference, bits)
         assert torch.equal(native, reference)
         assert counts == torch.isfinite(native).sum(-1).tolist()
+
+
+def test_masks_filled_ahead_during_the_forward_give_the_same_tokens(lm, monkeypatch):
+    from lmgen import constraints
+
+    calls = []
+    fill = constraints.Matcher._fill_ahead
+    monkeypatch.setattr(constraints.Matcher, "_fill_ahead", lambda self: calls.append(1) or fill(self))
+    prompt = chat(lm, "Describe Ann, 31, and her pets as JSON.")
+    tokens = {}
+    for ahead in (False, True):  # inline (this 2-core machine's default), and on the worker thread
+        monkeypatch.setattr(constraints, "FILL_AHEAD", ahead)
+        gens = lm.generate(prompt, max_new_tokens=60, json_schema=SCHEMA, frequency_penalty=0.5, do_sample=True,
+                           seed=2, num_return_sequences=2)
+        tokens[ahead] = [g.token_ids for g in gens]
+        assert bool(calls) == ahead
+    assert tokens[True] == tokens[False]

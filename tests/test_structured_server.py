@@ -140,6 +140,10 @@ def test_json_object_n2_streamed_and_regex_choice_fields(smol):
               ({"guided_choice": ["red", "green"]}, "red|green"),
               ({"structured_outputs": {"choice": ["up", "down"]}}, "up|down"),
               ({"guided_grammar": 'root ::= "x" [0-9] [0-9]'}, "x[0-9][0-9]")]
+    r = client.completions.create(model=smol.model_id, prompt="A JSON object about a dog:", max_tokens=120,
+                                  temperature=0, frequency_penalty=0.5, extra_body={"response_format": {
+                                      "type": "json_object"}})
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].text), dict)
     for body, pattern in fields:
         r = client.completions.create(model=smol.model_id, prompt="Answer:", max_tokens=30, temperature=0,
                                       extra_body=body)
@@ -177,6 +181,23 @@ def test_forced_tool_call_validates_then_its_result_is_answered(smol):
                                        temperature=0)
     assert r.choices[0].finish_reason in ("stop", "tool_calls", "length") and (
         r.choices[0].message.content or r.choices[0].message.tool_calls)
+
+
+def test_auto_is_text_or_a_valid_call_and_none_is_text(smol):
+    client = smol.client()
+    validator = jsonschema_rs.validator_for(WEATHER["function"]["parameters"])
+    for question in ("What is the weather in Paris?", "Say hello.", "Tell me about Rome."):
+        r = client.chat.completions.create(model=smol.model_id, messages=[{"role": "user", "content": question}],
+                                           tools=[WEATHER], max_tokens=80, temperature=0)
+        answer = r.choices[0]
+        if answer.message.tool_calls:
+            assert answer.finish_reason == "tool_calls"
+            assert validator.is_valid(json.loads(answer.message.tool_calls[0].function.arguments))
+        else:
+            assert answer.finish_reason in ("stop", "length") and "<tool_call>" not in answer.message.content
+        r = client.chat.completions.create(model=smol.model_id, messages=[{"role": "user", "content": question}],
+                                           tools=[WEATHER], tool_choice="none", max_tokens=40, temperature=0)
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_streamed_tool_call_reassembles_from_its_deltas(smol):

@@ -42,7 +42,8 @@ def serve(lm: LM, *, host: str = "127.0.0.1", port: int = 8000, max_concurrent: 
                             timeout_graceful_shutdown=5, lifespan="on")
     server = Server(config)
     sys.stderr.write(f"lmgen: serving {state.model_id} at http://{host}:{port}/v1 "
-                     f"({max_concurrent} slots, max length {engine.max_model_len}, weights: {lm.weights})\n")
+                     f"({max_concurrent} slots, max length {engine.max_model_len}, weights: {lm.weights}; "
+                     f"constraints: {lm.constraints.describe()})\n")
 
     def http() -> None:
         try:
