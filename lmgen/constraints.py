@@ -32,7 +32,9 @@ class InvalidConstraint(ParameterError):
     """A schema, regex, choice or grammar that does not compile; `detail` is the library's reason."""
 
     def __init__(self, field: str, detail: str):
-        self.detail = detail.strip()
+        # One line: the library's first line and its "error:" lines, not its pictures of where (carets, echoes).
+        lines = [line.strip() for line in detail.strip().splitlines()]
+        self.detail = " ".join(lines[:1] + [line for line in lines[1:] if line.startswith("error:")])
         super().__init__(field, "valid", None)
 
     def describe(self, name: str) -> str:
@@ -156,7 +158,8 @@ class Matcher:
         if token in self.eos:
             return True
         self.tokens.append(token)
-        self.matcher.consume_token(token)
+        if not self.matcher.consume_token(token):  # the mask allowed it: a library error, never passed off as done
+            raise self.dead_end()
         return self.matcher.is_stopped()
 
     def dead_end(self) -> ConstraintDeadEnd:
@@ -165,8 +168,6 @@ class Matcher:
 
 
 _BYTE_BITS = torch.tensor([[0.0 if (b >> i) & 1 else float("-inf") for i in range(8)] for b in range(256)])
-
-
 _ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmgen-masks")
 FILL_AHEAD: bool | None = None  # None: when a core is free during the forward; the benchmark forces it either way
 

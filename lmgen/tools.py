@@ -24,8 +24,6 @@ import jinja2.meta
 
 from .constraints import JSON_OPTIONS, closed
 
-JSON_FORMAT = {"x-guidance": JSON_OPTIONS}  # the arguments written as json_schema output is
-
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 
 GENERIC_PROMPT = """You can call these tools; each one's arguments follow the JSON Schema given:
@@ -98,18 +96,18 @@ def _arguments(text: str):
 
 def grammar(tools: list[dict], forced: bool) -> str:
     """An llguidance Lark grammar for a reply: one call to one of `tools` (forced), or free text that becomes a
-    call once it writes the opening tag."""
+    call once it writes the opening tag (the lazy rule ends the text at the tag)."""
     calls = []
     for t in tools:
-        f = t["function"]
-        schema = dict(closed(f.get("parameters") or {"type": "object", "properties": {}}), **JSON_FORMAT)
-        calls.append(f"{json.dumps(call_prefix(f['name']))} %json {json.dumps(schema)} \"}}\"")
-    body = f"{json.dumps(OPEN.removeprefix('<tool_call>'))} ({' | '.join(f'( {c} )' for c in calls)}) " \
-           f"{json.dumps(CLOSE)}"
+        schema = closed(t["function"].get("parameters") or {"type": "object", "properties": {}})
+        schema = dict(schema, **{"x-guidance": JSON_OPTIONS})  # arguments written as json_schema output is
+        calls.append(f'( {json.dumps(call_prefix(t["function"]["name"]))} %json {json.dumps(schema)} "}}" )')
+    tag = OPEN.removesuffix("\n")
+    rules = ["%llguidance {}", f"after_tag: {json.dumps(OPEN[len(tag):])} ({' | '.join(calls)}) {json.dumps(CLOSE)}"]
     if forced:
-        return f'%llguidance {{}}\nstart: "<tool_call>" body\nbody: {body}\n'
-    return ("%llguidance {}\nstart: TEXT | head body\nhead[lazy]: TEXT \"<tool_call>\"\n"
-            f"TEXT: /(.|\\n)*/\nbody: {body}\n")
+        return "\n".join(rules + [f"start: {json.dumps(tag)} after_tag"])
+    return "\n".join(rules + ["start: TEXT | text_then_tag after_tag", f"text_then_tag[lazy]: TEXT {json.dumps(tag)}",
+                              "TEXT: /(.|\\n)*/"])
 
 
 class ToolCallParser:

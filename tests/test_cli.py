@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -117,12 +118,35 @@ def test_models_and_info(tiny_gpt2_dir):
     (["probs", "hi", "--top", "0"], 2, "--top must be >= 1"),
     (["generate", "hi", "--temperature", "warm"], 2, "invalid float value"),
     (["serve", "--prefill-chunk", "0"], 2, "--prefill-chunk must be >= 1"),
+    (["generate", "hi", "--regex", "("], 2, "--regex is invalid: at 1(8): invalid regex"),
+    (["generate", "hi", "--grammar", "/no/such.gbnf"], 2, "--grammar: cannot read /no/such.gbnf"),
+    (["generate", "hi", "--json-schema", "/no/such.json"], 2, "--json-schema: cannot read /no/such.json"),
+    (["generate", "hi", "--regex", "a", "--choice", "b"], 2, "not allowed with argument"),
+    (["chat", "--message", "hi", "--choice", ""], 2, "--choice must be"),
 ])
 def test_bad_inputs_get_one_line_and_an_exit_code(args, code, message):
     out = lmgen_cli(*args)
     assert out.returncode == code
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_constraint_flags(tiny_gpt2_dir, tmp_path):
+    model = ["--model", str(tiny_gpt2_dir), "--max-new-tokens", "20"]
+    out = lmgen_cli("generate", "Pick:", *model, "--choice", "yes", "--choice", "no")
+    assert out.returncode == 0 and out.stdout in ("Pick:yes\n", "Pick:no\n"), out.stderr
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    out = lmgen_cli("generate", "Answer:", *model, "--json-schema", str(schema), "--json")
+    generation = json.loads(out.stdout)["generations"][0]
+    assert generation["finish_reason"] == "stop" and json.loads(generation["text"]) in ({"ok": True}, {"ok": False})
+    grammar = tmp_path / "digits.gbnf"
+    grammar.write_text('root ::= "n=" [0-9] [0-9]\n')
+    out = lmgen_cli("generate", "Number:", *model, "--grammar", str(grammar))
+    assert out.returncode == 0 and re.fullmatch(r"Number:n=[0-9]{2}\n", out.stdout), out.stdout
+    schema.write_text("{not json")
+    out = lmgen_cli("generate", "x", *model, "--json-schema", str(schema))
+    assert out.returncode == 2 and "is not JSON" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_info_names_the_default_path_of_the_embedded_model(smollm):
