@@ -124,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Host header names answered besides the loopback's (a loopback bind answers only "
                             "localhost, 127.0.0.1 and [::1]: no DNS rebinding); '*' answers any")
 
+    job = sub.add_parser("batch", help="generate for every row of a file (JSON lines or Parquet), resumable")
+    job.add_argument("input", help="rows of {id, prompt or messages, and the server's sampling fields}: "
+                                   ".jsonl or .parquet")
+    job.add_argument("output", help="one row per input row (.jsonl or .parquet); OUTPUT.errors.jsonl gets the rows "
+                                    "that could not run; a rerun resumes from OUTPUT.parts/")
+    _model_args(job)
+    job.add_argument("--max-tokens", type=int, default=64, help="tokens a row generates unless it says (default 64)")
+    job.add_argument("--seed", type=int, default=0, help="a row's seed is sha256 of '{seed}:{id}' (default 0)")
+    job.add_argument("--max-concurrent", type=int, default=16, help="sequences decoded together (default 16)")
+    job.add_argument("--threads", type=int, default=None, help="threads per engine (default: all cores)")
+    job.add_argument("--chunk-rows", type=int, default=64, help="rows committed together (default 64)")
+    job.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run on a Ray cluster through Ray Data (ADDRESS, or none: a local Ray instance)")
+    job.add_argument("--workers", type=int, default=1, help="with --ray: engine actors (default 1)")
+    job.add_argument("--cpus-per-worker", type=int, default=1, help="with --ray: cores a worker takes (default 1)")
+
     models = sub.add_parser("models", help="list the embedded model and the models in the Hugging Face cache")
     models.add_argument("--json", action="store_true")
     info = sub.add_parser("info", help="describe a model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -218,7 +219,7 @@ def chat(args) -> int:
 
     def reply(message: str) -> None:
         history.append({"role": "user", "content": message})
-        ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(history), add_special_tokens=False)
+        ids = lm.chat_ids(history)
         text = ""
         try:
             for piece in lm.stream(ids, config):
@@ -272,6 +273,62 @@ def serve(args) -> int:
         max_model_len=args.max_model_len, api_key=api_key, max_n=args.max_n, allowed_hosts=args.allowed_hosts,
         prefill_chunk=args.prefill_chunk, prefix_caching=not args.no_prefix_caching)
     return 0
+
+
+def batch(args) -> int:
+    """lmgen batch: every row of a file through the engine (or a Ray cluster), committed in parts, resumable."""
+    from . import batch as job
+
+    for name in ("max_tokens", "max_concurrent", "threads", "workers", "cpus_per_worker", "chunk_rows"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "max_tokens" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_tokens' else 1}, got {value}")
+    raw = job.read_rows(Path(args.input))  # an unreadable input fails before the model loads
+    parts = job.Parts(Path(args.output))
+    threads = args.threads or (args.cpus_per_worker if args.ray is not None else None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    lm = _load(args)
+    rows, errors = job.prepare(lm, raw, args.seed, args.max_tokens)
+    done = parts.done()
+    todo = [r for r in rows if r.id not in done]
+    sys.stderr.write(f"lmgen: {len(raw)} rows: {len(todo)} to generate, {len(rows) - len(todo)} already done, "
+                     f"{len(errors)} that cannot run (see {parts.errors.name})\n")
+    with _batch_progress(len(todo), args.quiet) as progress:
+        if args.ray is not None:
+            from . import batch_ray
+
+            load = {"source": args.model, "dtype": args.dtype, "device": args.device, "quantize": args.quantize}
+            batch_ray.run(args.ray or None, raw, todo, parts, load=load, workers=args.workers,
+                          cpus_per_worker=args.cpus_per_worker, seed=args.seed, max_tokens=args.max_tokens,
+                          slots=args.max_concurrent, chunk_rows=args.chunk_rows, progress=progress)
+        else:
+            job.run_local(lm, todo, parts, args.max_concurrent, progress, args.chunk_rows)
+    good, bad = parts.finish({r.id: r.index for r in rows}, errors)
+    sys.stderr.write(f"lmgen: wrote {good} rows to {args.output} and {bad} to {parts.errors}\n")
+    return 0
+
+
+@contextlib.contextmanager
+def _batch_progress(total: int, quiet: bool):
+    """A callback per finished row that moves a progress bar: rows/s, tokens/s and the time left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    started, tokens = time.perf_counter(), [0]
+    bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeRemainingColumn(), console=_stderr(), disable=quiet or not sys.stderr.isatty())
+    task = bar.add_task("batch", total=total, rate="")
+
+    def progress(record: dict) -> None:
+        tokens[0] += record.get("completion_tokens", 0)
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        done = bar.tasks[0].completed + 1
+        bar.update(task, advance=1, rate=f"{done / elapsed:.1f} rows/s, {tokens[0] / elapsed:.0f} tokens/s")
+
+    with bar:
+        yield progress
 
 
 def models(args) -> int:

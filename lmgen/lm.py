@@ -63,6 +63,13 @@ class LM:
             self._constraints = Constraints(self.tokenizer, self.vocab_size)
         return self._constraints
 
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt ids of a conversation rendered by the chat template; ValueError without a template."""
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"{self.name} has no chat template, so it takes no messages: give a prompt")
+        text = self.tokenizer.apply_chat_template(messages, tools=tools)
+        return self.encode(self.tokenizer.encode(text, add_special_tokens=False))
+
     def check_constraint(self, config: GenerationConfig) -> None:
         """Raise ParameterError (naming the field) unless the config's constraint compiles for this tokenizer."""
         found = constraint_of(config)

@@ -243,6 +243,7 @@ def test_streamed_tool_call_reassembles_from_its_deltas(smol):
      "tools[0].function.name", "pattern"),
     ("/v1/chat/completions", {"tools": [WEATHER], "response_format": {"type": "json_object"}}, "tool_choice",
      "cannot be used together"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "use_beam_search": True}, "tools", "not supported"),
 ])
 def test_bad_constraints_and_tools_get_400_naming_the_field(smol, path, body, param, text):
     if path.endswith("chat/completions"):

@@ -355,14 +355,16 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
         """Answer through the model's chat template; `stream: true` sends chat.completion.chunk events."""
         state.check_model(body.model)
         body.check()
-        callable_tools = body.callable_tools() if body.calls_tools() else []
+        # The prompt shows every tool (none with tool_choice "none"); a reply may call only the callable ones.
+        shown = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.calls_tools() else []
+        callable_tools = body.callable_tools() if shown else []
         for i, t in enumerate(body.tools or ()):  # each schema compiles, or the 400 names it
             if t.function.parameters is not None:
                 state.check_constraint("json_schema", t.function.parameters, f"tools[{i}].function.parameters")
         native = tools.native(state.lm.tokenizer.chat_template)
-        messages = tools.prompt_messages(template_messages(body.messages), callable_tools, native)
+        messages = tools.prompt_messages(template_messages(body.messages), shown, native)
         try:
-            ids = await asyncio.to_thread(_chat_ids, state.lm, messages, callable_tools if native else None)
+            ids = await asyncio.to_thread(state.lm.chat_ids, messages, shown if native else None)
         except (LmgenError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
         limit = engine.max_model_len
@@ -432,13 +434,6 @@ def _echo(state: ServerState, prompts: list, ids: list[list[int]], choices: list
         entries = echo_logprobs(state.lm, i, state.score(i, logprobs)) if logprobs is not None else []
         for c in choices[k * n:(k + 1) * n]:
             c.text, c.logprobs = text, list(entries)
-
-
-def _chat_ids(lm, messages: list[dict], tool_list: list[dict] | None = None) -> list[int]:
-    if not lm.tokenizer.chat_template:
-        raise ValueError(f"{lm.name} has no chat template: use /v1/completions")
-    text = lm.tokenizer.apply_chat_template(messages, tools=tool_list)
-    return lm.encode(lm.tokenizer.encode(text, add_special_tokens=False))
 
 
 async def _stream_completion(state, requests, choices, n, base, prompt_tokens, with_logprobs, include_usage):

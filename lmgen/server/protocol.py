@@ -378,6 +378,9 @@ class ChatCompletionRequest(SamplingRequest):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in [t.function.name for t in self.tools]:
             raise ParameterError("tool_choice", "a given tool", None, message=(
                 f"tool_choice names the function {choice.function.name!r}, which is not among the tools"))
+        if self.calls_tools() and self.use_beam_search:
+            raise ParameterError("tools", "unset with use_beam_search", None,
+                                 message="tools are not supported with use_beam_search")
         if self.calls_tools() and self.constraint() is not None:
             raise ParameterError("tool_choice", '"none" with a constraint', None, message=(
                 f"{self.constraint()[2]} and tools cannot be used together: give one, or tool_choice \"none\""))
