@@ -296,6 +296,7 @@ def batch(args) -> int:
     todo = [r for r in rows if r.id not in done]
     sys.stderr.write(f"lmgen: {len(raw)} rows: {len(todo)} to generate, {len(rows) - len(todo)} already done, "
                      f"{len(errors)} that cannot run (see {parts.errors.name})\n")
+    started = time.perf_counter()
     with _batch_progress(len(todo), args.quiet) as progress:
         if args.ray is not None:
             from . import batch_ray
@@ -307,7 +308,10 @@ def batch(args) -> int:
         else:
             job.run_local(lm, todo, parts, args.max_concurrent, progress, args.chunk_rows)
     good, bad = parts.finish({r.id: r.index for r in rows}, errors)
-    sys.stderr.write(f"lmgen: wrote {good} rows to {args.output} and {bad} to {parts.errors}\n")
+    seconds, tokens = time.perf_counter() - started, progress.tokens[0]
+    sys.stderr.write(f"lmgen: wrote {good} rows to {args.output} and {bad} to {parts.errors}; generated {tokens} "
+                     f"tokens for {len(todo)} rows in {seconds:.1f} s ({len(todo) / seconds:.2f} rows/s, "
+                     f"{tokens / seconds:.0f} tokens/s)\n")
     return 0
 
 
@@ -327,6 +331,7 @@ def _batch_progress(total: int, quiet: bool):
         done = bar.tasks[0].completed + 1
         bar.update(task, advance=1, rate=f"{done / elapsed:.1f} rows/s, {tokens[0] / elapsed:.0f} tokens/s")
 
+    progress.tokens = tokens
     with bar:
         yield progress
 

@@ -175,6 +175,17 @@ def test_a_chunk_written_but_not_renamed_is_redone_once(model, reference, tmp_pa
     assert same(out, reference) and not folder.exists()
 
 
+def test_ray_missing_says_how_to_install_it_and_bad_flags_exit_2(model, tmp_path):
+    source = write_input(tmp_path / "in.jsonl", good_rows(4))
+    code = ("import sys; sys.modules['ray'] = None; from lmgen.cli import main; "
+            f"sys.exit(main(['batch', '-q', {str(source)!r}, {str(tmp_path / 'out.jsonl')!r}, '--model', "
+            f"{str(model)!r}, '--ray']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "pip install 'lmgen[ray]'" in run.stderr and "Traceback" not in run.stderr
+    bad = batch(str(source), str(tmp_path / "out.jsonl"), "--workers", "0", "--ray")
+    assert bad.returncode == 2 and "--workers must be >= 1" in bad.stderr
+
+
 # ------------------------------------------------------------------ Ray
 
 ray = pytest.importorskip("ray")
