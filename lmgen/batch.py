@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .errors import LmgenError
 from .params import ParameterError
 from .server.errors import from_parameter_error, from_validation_errors
 from .server.output import TokenStrings, chat_logprobs
@@ -96,7 +97,7 @@ def prepare(lm, raw: list[dict], seed: int, max_tokens: int,
                 raise ValueError(f"id {row_id!r} appears earlier in the input: only its first row runs")
             seen.add(row_id)
             rows.append(_row(lm, data, row_id, index, seed, max_tokens))
-        except (ValueError, ValidationError) as e:
+        except Exception as e:  # a row's problem, whatever it is, is that row's alone
             errors.append({"id": None if row_id is None else str(row_id), "index": index, "error": _message(e)})
     return rows, errors
 
@@ -120,7 +121,7 @@ def _row(lm, data: dict, row_id: str, index: int, seed: int, max_tokens: int) ->
         if not isinstance(request.prompt, str) and request.prompt and not isinstance(request.prompt[0], int):
             raise ValueError("a batch row has one prompt (a string or a list of token ids)")
         ids = lm.encode(request.prompt)
-        tokens = max_tokens if "max_tokens" not in body else request.max_tokens
+        tokens = max_tokens if request.max_tokens is None or "max_tokens" not in body else request.max_tokens
         logprobs = request.logprobs
     if len(ids) + tokens > lm.context_length:
         raise ValueError(f"the prompt has {len(ids)} tokens and max_tokens is {tokens}: more than the model's "
@@ -135,7 +136,7 @@ def _message(e: Exception) -> str:
         return from_validation_errors(list(e.errors())).message
     if isinstance(e, ParameterError):
         return from_parameter_error(e).message
-    return str(e)
+    return str(e) if isinstance(e, (ValueError, LmgenError)) else f"{type(e).__name__}: {e}"
 
 
 def run_rows(lm, rows: Iterable[Row], slots: int = 16) -> Iterator[dict]:
@@ -243,7 +244,7 @@ def write_output(path: Path, records: list[dict]) -> None:
     for key in columns:  # a column whose rows differ in type (n > 1 beside n = 1) is stored as JSON text
         if len({type(r.get(key)) for r in records if r.get(key) is not None}) > 1 or key == "logprobs":
             for r in records:
-                if key in r:
+                if r.get(key) is not None and not isinstance(r[key], str):  # (a rerun reads them back as text)
                     r[key] = json.dumps(r[key], ensure_ascii=False)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     import pyarrow
@@ -263,14 +264,16 @@ def _parquet():
 def run_local(lm, rows: list[Row], parts: Parts, slots: int, progress, chunk_rows: int = CHUNK_ROWS) -> None:
     """Run rows on this process's engine, committing a part every chunk_rows rows or CHUNK_SECONDS."""
     chunk, last = [], time.monotonic()
-    for record in run_rows(lm, rows, slots):
-        chunk.append(record)
-        progress(record)
-        if len(chunk) >= chunk_rows or time.monotonic() - last > CHUNK_SECONDS:
+    try:
+        for record in run_rows(lm, rows, slots):
+            chunk.append(record)
+            progress(record)
+            if len(chunk) >= chunk_rows or time.monotonic() - last > CHUNK_SECONDS:
+                parts.commit(chunk, part_name(chunk))
+                chunk, last = [], time.monotonic()
+    finally:  # Ctrl-C or an error: the rows already finished are kept
+        if chunk:
             parts.commit(chunk, part_name(chunk))
-            chunk, last = [], time.monotonic()
-    if chunk:
-        parts.commit(chunk, part_name(chunk))
 
 
 def part_name(records: list[dict]) -> str:
