@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import shutil
 from collections.abc import Sequence
@@ -75,6 +76,29 @@ def _llama_tensors(state: dict, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
     return out
 
 
+def _rope_freqs(cfg: dict) -> list[tuple[str, str, np.ndarray]]:
+    """convert_hf_to_gguf's LlamaModel.generate_extra_tensors: llama3 rope scaling as each frequency's divisor."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type") != "llama3":
+        return []
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    base = cfg.get("rope_theta") or rope["rope_theta"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", "(rope_scaling)", np.array(factors, dtype=np.float32))]
+
+
 def _gpt2_tensors(state: dict, cfg: dict, *, output: bool) -> list[tuple[str, str, np.ndarray]]:
     for k in [k for k in state if k.endswith((".attn.bias", ".attn.masked_bias"))]:
         del state[k]  # causal-mask buffers, which convert_hf_to_gguf drops too
@@ -135,7 +159,7 @@ def write_gguf(hf_folder: Path, out_path: Path, qtype: Q | Sequence[Q] = Q.F32, 
         writer.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
         writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
         writer.add_vocab_size(cfg["vocab_size"])
-        tensors = _llama_tensors(state, cfg)
+        tensors = _llama_tensors(state, cfg) + _rope_freqs(cfg)
     elif arch == "gpt2":
         writer.add_context_length(cfg["n_positions"])
         writer.add_embedding_length(cfg["n_embd"])
@@ -262,6 +286,34 @@ def test_f32_gguf_logits_and_greedy_tokens_match_hf_folder(arch, f32, hf_lms, hf
     gguf_tokens = lm.generate(ids, max_new_tokens=16)[0].token_ids
     assert len(gguf_tokens) == 16 and gguf_tokens == ref.generate(ids, max_new_tokens=16)[0].token_ids
     assert lm.eos_token_ids == (ENDOFTEXT,)
+
+
+def test_llama_3_2_style_gguf_with_rope_freqs_matches_transformers(tmp_path):
+    """A Llama 3.2-style model (llama3 rope scaling, tied embeddings) converted as llama.cpp converts it: the
+    scaling becomes the rope_freqs tensor, and the GGUF's logits equal transformers' on the folder."""
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}  # short, so every band of the scaling is in play
+    folder = make_tiny_llama(tmp_path / "hf", rope_scaling=rope, tie_word_embeddings=True,
+                             max_position_embeddings=256)
+    written = write_gguf(folder, tmp_path / "llama32.gguf")
+    assert "rope_freqs.weight" in written
+    lm, ref = lmgen.load(tmp_path / "llama32.gguf"), lmgen.load(folder)
+    factors = lm.config.rope_scaling["factors"]
+    assert lm.config.rope_scaling["rope_type"] == "freqs" and len(factors) == 8 and len(set(factors)) > 2
+    ids = prompt_ids(40)
+    assert_logits_close(lm.logits(ids), transformers_logits(folder, ids))
+    assert lm.generate(ids, max_new_tokens=16)[0].token_ids == ref.generate(ids, max_new_tokens=16)[0].token_ids
+
+
+def test_rope_freqs_of_the_wrong_size_name_the_key(tmp_path):
+    folder = make_tiny_llama(tmp_path / "hf", rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 64})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("rope_parameters", None)  # (transformers 5's name for it)
+    cfg["rope_scaling"] = {"rope_type": "freqs", "factors": [1.0, 2.0]}
+    with pytest.raises(lmgen.errors.ConfigError, match="rope_scaling.factors.* 8 positive numbers"):
+        lmgen.models.llama.Config.from_hf(cfg)
 
 
 def test_f32_llama_config(f32):

@@ -133,7 +133,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Rotary inverse frequencies, with Llama 3 and linear scaling applied (built on the CPU)."""
+    """Rotary inverse frequencies, with Llama 3 (or a GGUF's per-frequency factors) and linear scaling applied
+    (built on the CPU)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
                                 .float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -149,6 +150,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
         mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         inv_freq = torch.where(mid, smoothed, inv_freq)
+    elif kind == "freqs":  # llama.cpp's rope_freqs: llama3 scaling as each frequency's divisor
+        inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
     elif kind != "default":
         raise UnsupportedModelError(
             f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")

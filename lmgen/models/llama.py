@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, Step
+from ..errors import ConfigError
 from ..weights.hf import config_value
 from .layers import CausalLM, RMSNorm, apply_rope, attention, embedding, rope_cos_sin, rope_inv_freq
 
@@ -53,12 +54,17 @@ class Config:
         kind = nested(f"{rope_key}.rope_type", str, None) or nested(f"{rope_key}.type", str, "default")
         for key in ROPE_FACTORS.get(kind, ()):
             nested(f"{rope_key}.{key}", float)
+        head_dim = get("head_dim", int, None) or hidden // heads
+        if kind == "freqs":  # a GGUF's rope_freqs: each frequency's divisor
+            factors = rope.get("factors")
+            if not (isinstance(factors, list) and len(factors) == head_dim // 2
+                    and all(isinstance(f, (int, float)) and f > 0 for f in factors)):
+                raise ConfigError(path, f"{rope_key}.factors", f"must be {head_dim // 2} positive numbers")
         return cls(
             vocab_size=get("vocab_size", int), hidden_size=hidden,
             intermediate_size=get("intermediate_size", int), num_hidden_layers=get("num_hidden_layers", int),
             num_attention_heads=heads, num_key_value_heads=get("num_key_value_heads", int, None) or heads,
-            head_dim=get("head_dim", int, None) or hidden // heads,
-            max_position_embeddings=get("max_position_embeddings", int, 2048),
+            head_dim=head_dim, max_position_embeddings=get("max_position_embeddings", int, 2048),
             rms_norm_eps=get("rms_norm_eps", float, 1e-6), rope_theta=theta,
             rope_scaling=None if kind == "default" else rope,
             tie_word_embeddings=get("tie_word_embeddings", bool, False),

@@ -94,8 +94,8 @@ class GGUFFile:
         scaling = None
         if get("rope.scaling.type", str, None) == "linear":
             scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor", float)}
-        if "rope_freqs.weight" in names:
-            raise UnsupportedModelError(f"{self.path}: per-frequency rope factors (rope_freqs) are not supported yet")
+        if "rope_freqs.weight" in names:  # Llama 3.1/3.2: llama3 scaling, written as each frequency's divisor
+            scaling = {"rope_type": "freqs", "factors": self._rope_factors()}
         return dict(common, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
                     num_hidden_layers=get("block_count"), num_attention_heads=heads,
                     num_key_value_heads=get("attention.head_count_kv", int, heads),
@@ -104,6 +104,13 @@ class GGUFFile:
                     rms_norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-6),
                     rope_theta=get("rope.freq_base", float, 10000.0), rope_scaling=scaling,
                     tie_word_embeddings="output.weight" not in names)
+
+    def _rope_factors(self) -> list[float]:
+        t = next(t for t in self.tensor_infos if t.name == "rope_freqs.weight")
+        try:
+            return dequantize(t.data, t.tensor_type, t.shape).flatten().tolist()
+        except (UnsupportedModelError, CorruptFileError) as e:
+            raise type(e)(f"{self.path}: tensor {t.name}: {e}") from None
 
     def block_type(self) -> str | None:
         """The quantization of the decoder layers' matrices when every one is Q4_0, Q4_1 or Q8_0 (the native
@@ -121,6 +128,8 @@ class GGUFFile:
         table = _name_table(TENSOR_NAMES[self.arch])
         cfg = self.config()
         for t in self.tensor_infos:
+            if t.name == "rope_freqs.weight":  # read into the config's rope_scaling, not a weight
+                continue
             hf = _hf_name(table, t.name)
             if hf is None:
                 raise UnsupportedModelError(f"{self.path}: unexpected tensor {t.name!r} for {self.arch}")
