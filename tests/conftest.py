@@ -74,6 +74,24 @@ def make_tiny_llama(folder: Path, *, safetensors: bool = True, seed: int = 0, **
     return folder
 
 
+def make_tiny_qwen2(folder: Path, *, seed: int = 0, **overrides) -> Path:
+    """A random 2-layer Qwen2 (biases on q, k and v; tied embeddings) using the GPT-2 BPE as its tokenizer."""
+    import transformers
+
+    torch.manual_seed(seed)
+    args = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
+    args.update(overrides)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**args)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(0, 0.1) if name.endswith("bias") else p.normal_(1, 0.1)
+    save(model, folder, True)
+    write_gpt2_tokenizer(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))

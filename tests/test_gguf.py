@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import lmgen
 
-from .conftest import SEED_IDS, SEED_PROMPT, make_tiny_llama
+from .conftest import SEED_IDS, SEED_PROMPT, make_tiny_llama, make_tiny_qwen2
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,8 +35,8 @@ QUANTIZED = (Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
 # The per-tensor types of the mixed files, cycled over the 2-D tensors in file order. Llama's includes F32, so
 # transformers checks both kinds in one read, and its order puts each quantized type on one of the permuted
 # q/k matrices (2-D tensors 2, 3, 9 and 10); test_mixed_gguf_holds_every_type checks that.
-MIXED = {"llama": (Q.Q4_1, Q.F32, Q.F16, Q.Q8_0, Q.Q4_0), "gpt2": QUANTIZED}
-ARCHS = ("llama", "gpt2")
+MIXED = {"llama": (Q.Q4_1, Q.F32, Q.F16, Q.Q8_0, Q.Q4_0), "gpt2": QUANTIZED, "qwen2": (Q.Q8_0, Q.Q4_0, Q.F16, Q.Q4_1)}
+ARCHS = ("llama", "gpt2", "qwen2")
 GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 ENDOFTEXT = 50256
 
@@ -50,8 +50,11 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _llama_tensors(state: dict, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
-    """(GGUF name, HF name, array in GGUF layout), popping each HF tensor it converts."""
-    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    """(GGUF name, HF name, array in GGUF layout), popping each HF tensor it converts. Llama's q and k rows are
+    permuted (LlamaModel.permute); Qwen2's are not (its converter is a plain TextModel), and its q, k and v have
+    biases."""
+    llama = cfg["model_type"] == "llama"
+    n_head, n_kv = (cfg["num_attention_heads"], cfg["num_key_value_heads"]) if llama else (None, None)
 
     def take(hf: str, gg: str, n_perm: int | None = None):
         w = state.pop(hf)
@@ -73,6 +76,8 @@ def _llama_tensors(state: dict, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
             take(p + "mlp.up_proj.weight", b + "ffn_up.weight"),
             take(p + "mlp.down_proj.weight", b + "ffn_down.weight"),
         ]
+        out += [take(p + f"self_attn.{x}_proj.bias", b + f"attn_{x}.bias") for x in "qkv"
+                if p + f"self_attn.{x}_proj.bias" in state]
     return out
 
 
@@ -149,7 +154,7 @@ def write_gguf(hf_folder: Path, out_path: Path, qtype: Q | Sequence[Q] = Q.F32, 
     arch = cfg["model_type"]
     state = {k: v.float().numpy() for k, v in load_file(hf_folder / "model.safetensors").items()}
     writer = gguf.GGUFWriter(out_path, arch)
-    if arch == "llama":
+    if arch in ("llama", "qwen2"):
         writer.add_context_length(cfg["max_position_embeddings"])
         writer.add_embedding_length(cfg["hidden_size"])
         writer.add_block_count(cfg["num_hidden_layers"])
@@ -220,8 +225,9 @@ def write_dequantized_folder(hf_folder: Path, out: Path, types: dict[str, Q]) ->
 
 
 @pytest.fixture(scope="module")
-def hf_dirs(tiny_llama_dir, tiny_gpt2_dir) -> dict[str, Path]:
-    return {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}
+def hf_dirs(tiny_llama_dir, tiny_gpt2_dir, tmp_path_factory) -> dict[str, Path]:
+    return {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir,
+            "qwen2": make_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))}
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +348,7 @@ def test_mixed_gguf_holds_every_type(arch, mixed):
     if arch == "llama":  # each type on a permuted q or k matrix
         assert {stored[f"blk.{i}.attn_{x}.weight"] for i in range(2) for x in "qk"} == set(MIXED[arch]) - {Q.F32}
     assert all(t == Q.F32 for n, t in stored.items() if n.endswith(("norm.weight", ".bias")))
-    assert "output.weight" in stored if arch == "llama" else "output.weight" not in stored
+    assert "output.weight" in stored if arch == "llama" else "output.weight" not in stored  # (qwen2's is tied)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

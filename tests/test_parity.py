@@ -1,4 +1,5 @@
-"""Our models against transformers on tiny random GPT-2 and Llama folders: logits, cached steps, greedy tokens."""
+"""Our models against transformers on tiny random GPT-2, Llama and Qwen2 folders: logits, cached steps, greedy
+tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import lmgen
 from lmgen.cache import KVCache, Span
 
-from .conftest import make_tiny_gpt2, make_tiny_llama
+from .conftest import make_tiny_gpt2, make_tiny_llama, make_tiny_qwen2
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,6 +22,7 @@ VARIANTS = {
         d, tie_word_embeddings=True, rope_theta=500000.0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": lambda d: make_tiny_qwen2(d),
 }
 
 

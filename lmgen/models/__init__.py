@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import UnsupportedModelError
-from . import gpt2, llama
+from . import gpt2, llama, qwen2
 
-ARCHITECTURES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama}
+ARCHITECTURES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2}
 
 
 def architecture(model_type: str | None, source: object = None) -> ModuleType:

@@ -40,6 +40,7 @@ class Config:
     tie_word_embeddings: bool
     attention_bias: bool
     mlp_bias: bool
+    qkv_bias: bool = False  # biases on q, k and v alone (Qwen2)
 
     @classmethod
     def from_hf(cls, d: dict, path: object = None) -> "Config":
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         heads = c.num_attention_heads + 2 * c.num_key_value_heads
-        self.qkv_proj = nn.Linear(c.hidden_size, heads * c.head_dim, bias=c.attention_bias)  # q, k, v rows
+        self.qkv_proj = nn.Linear(c.hidden_size, heads * c.head_dim, bias=c.attention_bias or c.qkv_bias)  # q,k,v
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, step: Step):

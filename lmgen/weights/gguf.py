@@ -46,6 +46,7 @@ TENSOR_NAMES = {
            for p in ("weight", "bias")},
     },
 }
+TENSOR_NAMES["qwen2"] = TENSOR_NAMES["llama"]  # the same names; llama.cpp does not permute Qwen2's q and k rows
 # GPT-2's Conv1D layers store [in, out]; GGUF stores every matrix as [out, in].
 _TRANSPOSED = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
 
