@@ -380,7 +380,7 @@ def info(args) -> int:
     args.dtype = args.device = None
     args.verbose = False
     lm = _load(args, args.model)
-    facts = {"model": lm.name, "architecture": type(lm.model).__module__.rsplit(".", 1)[-1],
+    facts = {"model": lm.name, "architecture": type(lm.model.config).__module__.rsplit(".", 1)[-1],
              "parameters": count_parameters(lm.model), "weights": lm.weights, "context_length": lm.context_length,
              "dtype": str(lm.dtype),
              "device": str(lm.device), "vocab_size": lm.vocab_size, "eos_token_ids": list(lm.eos_token_ids),

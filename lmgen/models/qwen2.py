@@ -5,7 +5,7 @@ Only the config differs; the model, its weight names and the native layers are l
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields
 
 from ..errors import UnsupportedModelError
 from . import llama
@@ -16,8 +16,9 @@ class Config(llama.Config):
     """A Hugging Face Qwen2Config's fields: LlamaConfig's, with biases on q, k and v."""
 
     @classmethod
-    def from_hf(cls, d: dict, path: object = None) -> llama.Config:
+    def from_hf(cls, d: dict, path: object = None) -> Config:
         """Read a config.json dict; a sliding window (use_sliding_window) is refused, naming the file."""
         if d.get("use_sliding_window"):
             raise UnsupportedModelError(f"{path or 'model config'}: use_sliding_window is not supported yet")
-        return replace(llama.Config.from_hf(d, path), qkv_bias=True)
+        base = llama.Config.from_hf(d, path)
+        return cls(**dict({f.name: getattr(base, f.name) for f in fields(base)}, qkv_bias=True))
