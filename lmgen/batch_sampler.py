@@ -31,9 +31,8 @@ def choose(seqs: Sequence[Continuation], logits: torch.Tensor) -> list[tuple[int
     """Each sequence's next token and logprob entry from its row of logits [B, V]; an exception for a row whose
     scores leave no token to choose (InvalidScoresError, or a bad logit_bias id). Constrained rows are masked
     first, all in one pass; logprobs stay the model's own (raw) unless logprobs_mode is "processed"."""
-    out: list = [None] * len(seqs)
     masked, dead = constraints.mask_rows([s.matcher for s in seqs], logits)
-    out[:] = [dead.get(i) for i in range(len(seqs))]
+    out: list = [dead.get(i) for i in range(len(seqs))]
     fast = []
     for i, s in enumerate(seqs):
         if out[i] is not None:

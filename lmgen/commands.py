@@ -258,11 +258,7 @@ def serve(args) -> int:
     """lmgen serve: an OpenAI-compatible HTTP server until SIGINT/SIGTERM."""
     import os
 
-    for name in ("port", "max_concurrent", "max_waiting", "max_model_len", "max_n", "prefill_chunk"):
-        value = getattr(args, name)
-        low = 0 if name == "port" else 1
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    _at_least(args, ("max_concurrent", "max_waiting", "max_model_len", "max_n", "prefill_chunk"), zero=("port",))
     from .server import serve as run
     from .server.gate import check_api_key
 
@@ -275,14 +271,19 @@ def serve(args) -> int:
     return 0
 
 
+def _at_least(args, names: tuple[str, ...], zero: tuple[str, ...] = ()) -> None:
+    """ValueError naming the flag unless each of `names` is >= 1 and each of `zero` >= 0 (None: unset)."""
+    for name in zero + names:
+        value, low = getattr(args, name), 0 if name in zero else 1
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def batch(args) -> int:
     """lmgen batch: every row of a file through the engine (or a Ray cluster), committed in parts, resumable."""
     from . import batch as job
 
-    for name in ("max_tokens", "max_concurrent", "threads", "workers", "cpus_per_worker", "chunk_rows"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "max_tokens" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_tokens' else 1}, got {value}")
+    _at_least(args, ("max_concurrent", "threads", "workers", "cpus_per_worker", "chunk_rows"), zero=("max_tokens",))
     raw = job.read_rows(Path(args.input))  # an unreadable input fails before the model loads
     parts = job.Parts(Path(args.output))
     threads = args.threads or (args.cpus_per_worker if args.ray is not None else None)

@@ -176,6 +176,8 @@ def fill_ahead(matchers: list[Matcher], device: torch.device) -> None:
     """Start filling these matchers' next masks on a worker thread (the library drops the GIL) while the forward
     computes their logits, where a core is free for it: the forward runs on a GPU, or on fewer threads than the
     CPU has cores. Where it is not, the worker only slows the forward (BENCHMARKS.md), so masks fill inline."""
+    if not matchers:  # (every step calls this)
+        return
     ahead = FILL_AHEAD
     if ahead is None:
         ahead = device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()

@@ -120,9 +120,18 @@ class Generate(Work):
             return [Event(i, None, "", None, s.result()) for i, s in enumerate(self.seqs)]
         return super().admit(cache)
 
+    def choosing(self, track: int) -> list[Continuation]:
+        """The continuations that choose from track's logits: all of them from the prompt's, once it is in."""
+        return self.seqs if track == 0 and self.forks_next else [self.seqs[track]]
+
+    @property
+    def forks_next(self) -> bool:
+        """Whether the prompt's logits are still to serve every continuation (several, none started)."""
+        return len(self.tracks) > 1 and not self.seqs[0].tokens
+
     def rows(self, logits: dict[int, torch.Tensor], core: "EngineCore") -> dict[int, torch.Tensor]:
         """The logits row of each continuation choosing a token this step (the prompt's row serves them all)."""
-        if 0 in logits and not self.seqs[0].tokens and len(self.tracks) > 1:
+        if 0 in logits and self.forks_next:
             self.fork(core.cache)  # the prompt is in: every continuation starts from its logits
             return dict.fromkeys(range(len(self.tracks)), logits[0])
         return logits
@@ -327,8 +336,7 @@ class EngineCore:
                 rows.append(start + n - 1)
         device = self.cache.k.device
         constraints.fill_ahead([s.matcher for w, i, _, _ in wants if isinstance(w, Generate)
-                                for s in (w.seqs if len(w.seqs) > 1 and not w.seqs[0].tokens else [w.seqs[i]])
-                                if s.matcher is not None], device)
+                                for s in w.choosing(i) if s.matcher is not None], device)
         if self.decode_one is not None and len(spans) == 1 and spans[0].count == 1:
             self.cache.ensure(spans[0].first + 1)
             positions = torch.tensor([[spans[0].first]])
