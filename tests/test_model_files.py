@@ -210,3 +210,16 @@ def test_a_pickle_with_code_is_refused_unrun(tmp_path, tiny_gpt2_dir, zip_format
     assert not marker.exists()
     torch.load(weights, weights_only=False)  # the payload is live: a plain unpickle runs it
     assert marker.is_dir()
+
+
+def test_a_qwen2_sliding_window_is_refused_naming_the_file(tmp_path):
+    import lmgen
+    from lmgen.errors import UnsupportedModelError
+
+    from .conftest import make_tiny_qwen2
+
+    folder = make_tiny_qwen2(tmp_path / "qwen2")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, use_sliding_window=True, sliding_window=32)))
+    with pytest.raises(UnsupportedModelError, match=r"config\.json: use_sliding_window is not supported"):
+        lmgen.load(folder)
