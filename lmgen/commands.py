@@ -338,15 +338,21 @@ def _batch_progress(total: int, quiet: bool):
 
 
 def models(args) -> int:
-    """lmgen models: the embedded default and the model repos in the local Hugging Face cache."""
+    """lmgen models: the embedded default, the packaged models (installed or not) and the Hugging Face cache's."""
     from .errors import ModelNotFoundError
     from .loading import default_model_path
+    from .packaged import PACKAGED, assembled_path, installed
 
     rows = []
     try:
         rows.append({"model": "(default)", "source": "embedded", "path": str(default_model_path())})
     except ModelNotFoundError:
         pass
+    for m in PACKAGED.values():
+        ok = installed(m)
+        path = assembled_path(m) if ok else None
+        rows.append({"model": m.name, "source": "package", "path": str(path) if path else None,
+                     "installed": ok, "description": m.description, "install": m.install})
     try:
         from huggingface_hub import scan_cache_dir
 
@@ -359,8 +365,14 @@ def models(args) -> int:
         _out(rows)
     else:
         for r in rows:
-            sys.stdout.write(f"{r['model']:40} {r['source']:9} {r['path']}\n")
+            sys.stdout.write(f"{r['model']:40} {r['source']:9} {r['path'] or _not_assembled(r)}\n")
     return 0
+
+
+def _not_assembled(row: dict) -> str:
+    if row["installed"]:
+        return f"installed; assembled into lmgen's cache on first use ({row['description']})"
+    return f"not installed: {row['install']} ({row['description']})"
 
 
 def count_parameters(model) -> int:
@@ -373,6 +385,8 @@ def count_parameters(model) -> int:
             unique[m.qs.data_ptr()] = m.in_features * m.out_features
         elif isinstance(m, quant.Int8Rows):
             unique[m.qweight.data_ptr()] = m.qweight.numel()
+        elif isinstance(m, quant.KRows):
+            unique[m.raw.data_ptr()] = m.out_features * m.in_features
     return sum(unique.values())
 
 

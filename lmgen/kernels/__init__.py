@@ -1,11 +1,12 @@
 """Native CPU kernels as torch operators, built from source at first use and cached on disk.
 
-matmul.c holds the 4-bit and 8-bit weight matmuls behind quantize="int4", attention.c the attention of
-a decoding step over the cached positions (plain C, with AVX2 paths), block.c a Llama layer's norm, rotary and
-SiLU steps; ops.cpp registers them as torch.ops.lmgen.q4_matmul, q8_matmul and decode_attention, and chained
-into whole layers as layer_in, layer_out and decode_layers (models/fused.py). Building needs a C and a C++
-compiler (torch's headers ship with torch); without them lmgen runs on torch alone: the same weights and
-results, slower. `native()` says which.
+matmul.c holds the 4-bit and 8-bit weight matmuls behind quantize="int4", kquant.c those on a GGUF's Q5_0 and
+K-quant blocks as the file has them, attention.c the attention of a decoding step over the cached positions
+(plain C, with AVX2 paths), block.c a Llama layer's norm, rotary and SiLU steps; ops.cpp registers them as
+torch.ops.lmgen.q4_matmul, q8_matmul, kq_matmul and decode_attention, and chained into whole layers as
+layer_in, layer_out and decode_layers (models/fused.py). Building needs a C and a C++ compiler (torch's headers
+ship with torch); without them lmgen runs on torch alone: the same weights and results, slower. `native()` says
+which.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-C_SOURCES = (HERE / "matmul.c", HERE / "attention.c", HERE / "block.c")
+C_SOURCES = (HERE / "matmul.c", HERE / "kquant.c", HERE / "attention.c", HERE / "block.c")
 SOURCES = (*C_SOURCES, HERE / "ops.cpp")
 HEADERS = (HERE / "half.h",)  # included by the C sources: part of a build's key
 WITHOUT = "int4 layers and decoding attention run through torch (slower)"  # what a failed build costs

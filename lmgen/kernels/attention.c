@@ -2,9 +2,10 @@
  * float16 (llama.cpp's default cache type, half the memory) or bfloat16 (`kind` 0, 1, 2); the arithmetic is
  * float32 in every case.
  *
- * For batch row b and query head h, with G = Hq / Hkv query heads per key head and L = positions[b] + 1:
- *   out[b, h] = softmax(scale * q[b, h] . k[slots[b], h / G, :L]) @ v[slots[b], h / G, :L]
- * k and v are one layer of the cache, [slots, Hkv, S, D]. Only the L cached positions are read, where a
+ * For batch row b and query head h, with G = Hq / Hkv query heads per key head, E = positions[b] + 1 and
+ * F = max(0, E - window) (0 without a window: window 0):
+ *   out[b, h] = softmax(scale * q[b, h] . k[slots[b], h / G, F:E]) @ v[slots[b], h / G, F:E]
+ * k and v are one layer of the cache, [slots, Hkv, S, D]. Only the E - F positions attended are read, where a
  * masked attention over a fixed-size cache (what a compiled step with static shapes does) reads all S.
  * Plain C, with an AVX2 path; exp is a Cephes-style polynomial (about 1 ulp, as torch's vectorized exp).
  */
@@ -146,20 +147,25 @@ static void attend_head(const float *q, const void *k, const void *v, float *o, 
 #if SIMD
     if (D == 64) return ATTEND(64);
     if (D == 128) return ATTEND(128);
+    if (D == 256) return ATTEND(256);  /* Gemma */
 #endif
 #undef ATTEND
     kind == F32 ? attend_any(q, k, v, o, p, L, D, scale, F32)
     : kind == F16 ? attend_any(q, k, v, o, p, L, D, scale, F16) : attend_any(q, k, v, o, p, L, D, scale, BF16);
 }
 
+/* the first position a query at `pos` attends: a sliding window of `window` positions ends at it */
+static int64_t first_key(int64_t pos, int64_t window) { return window > 0 && pos >= window ? pos - window + 1 : 0; }
+
 /* out [B, Hq, D] for q [B, Hq, D]; k, v [slots, Hkv, S, D] of the given kind; slots, positions
- * [B] (each position in 0..S-1). Returns 0, or -1 when out of memory. */
+ * [B] (each position in 0..S-1); window 0 or the positions each query sees. Returns 0, or -1 when out of memory. */
 int decode_attention(const float *q, const void *k, const void *v, const int64_t *slots, const int64_t *positions,
-                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int kind) {
+                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int kind,
+                     int64_t window) {
     const size_t size = kind == F32 ? 4 : 2;
     const int64_t G = Hq / Hkv;
     int64_t work = 0;
-    for (int64_t b = 0; b < B; b++) work += positions[b] + 1;
+    for (int64_t b = 0; b < B; b++) work += positions[b] + 1 - first_key(positions[b], window);
     int failed = 0;
 #pragma omp parallel if (work * Hq * D >= (1 << 17)) reduction(| : failed)
     {
@@ -168,9 +174,10 @@ int decode_attention(const float *q, const void *k, const void *v, const int64_t
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * Hq; i++) {  /* a query head each */
             if (!p) continue;
-            const int64_t b = i / Hq, kv = (slots[b] * Hkv + i % Hq / G) * S * D;
+            const int64_t b = i / Hq, first = first_key(positions[b], window);
+            const int64_t kv = ((slots[b] * Hkv + i % Hq / G) * S + first) * D;
             attend_head(q + i * D, (const char *)k + kv * size, (const char *)v + kv * size, out + i * D, p,
-                        positions[b] + 1, D, scale, kind);
+                        positions[b] + 1 - first, D, scale, kind);
         }
         free(p);
     }

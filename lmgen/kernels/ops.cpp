@@ -1,7 +1,8 @@
-// matmul.c's and attention.c's kernels as torch operators (lmgen::q4_matmul, q8_matmul, decode_attention): one
-// dispatcher call from eager code or from a torch.compile graph, with shape checks, and Meta kernels so the
-// compiler can trace them. With block.c's steps they also make whole Llama decoder layers on 4-bit weights
-// (layer_in, layer_out, and decode_layers: every layer of a decoding step in one call, no Python between).
+// matmul.c's, kquant.c's and attention.c's kernels as torch operators (lmgen::q4_matmul, q8_matmul, kq_matmul,
+// decode_attention): one dispatcher call from eager code or from a torch.compile graph, with shape checks, and
+// Meta kernels so the compiler can trace them. With block.c's steps they also make whole Llama decoder layers on
+// 4-bit weights (layer_in, layer_out, and decode_layers: every layer of a decoding step in one call, no Python
+// between).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -19,8 +20,12 @@ int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16
               int64_t M, int64_t N, int64_t K);
 int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, const float *bias, float *y, int64_t M,
               int64_t N, int64_t K);
+int kq_block(int kind, int64_t *bytes);
+int kq_matmul(const float *x, const uint8_t *w, int kind, const float *bias, float *y, int64_t M, int64_t N,
+              int64_t K);
 int decode_attention(const float *q, const void *k, const void *v, const int64_t *slots, const int64_t *positions,
-                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int kind);
+                     float *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, int kind,
+                     int64_t window);
 void rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t K, float eps);
 void rope(float *x, const float *cos, const float *sin, int64_t M, int64_t stride, int64_t heads, int64_t D);
 void silu_mul(const float *gu, float *y, int64_t M, int64_t I);
@@ -91,17 +96,42 @@ at::Tensor q8_op(const at::Tensor &x, const at::Tensor &q, const at::Tensor &sca
     return q8(x, q, scales, std::nullopt);
 }
 
+at::Tensor kq_meta(const at::Tensor &x, const at::Tensor &w, int64_t kind, const std::optional<at::Tensor> &bias) {
+    return at::empty({x.size(0), w.size(0)}, x.options());
+}
+
+// x [M, K] @ W^T for a GGUF matrix w [N, bytes a row] of GGML type `kind` (Q5_0, Q4_K, Q5_K, Q6_K), kquant.c
+at::Tensor kq(const at::Tensor &x, const at::Tensor &w, int64_t kind, const std::optional<at::Tensor> &bias) {
+    int64_t bytes = 0;
+    const int64_t block = kq_block((int)kind, &bytes);
+    TORCH_CHECK(block, "kq_matmul: kind ", kind, " is none of the GGML types it runs: Q5_0 (6), Q4_K (12), ",
+                "Q5_K (13), Q6_K (14)");
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % block == 0, "kq_matmul: x must be ",
+                "float32 [M, K] with K a multiple of ", block, ", got ", x.scalar_type(), " ", x.sizes());
+    TORCH_CHECK(w.dim() == 2, "kq_matmul: the weight must be uint8 [N, bytes a row], got ", w.sizes());
+    const int64_t n = w.size(0), k = x.size(1);
+    check_weight("kq_matmul", w, at::kByte, n, k / block * bytes);
+    check_bias("kq_matmul", bias, n);
+    at::Tensor xc = x.contiguous(), y = kq_meta(xc, w, kind, bias);
+    const int rc = kq_matmul(xc.data_ptr<float>(), w.data_ptr<uint8_t>(), (int)kind,
+                             bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), xc.size(0), n, k);
+    TORCH_CHECK(rc == 0, "kq_matmul: out of memory");
+    return y;
+}
+
 at::Tensor attention_meta(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                           at::Tensor &v_cache, int64_t layer, const at::Tensor &slots, const at::Tensor &positions,
-                          double scale) {
+                          double scale, int64_t window) {
     return at::empty(q.sizes(), q.options());
 }
 
 // Writes each row's new keys and values k, v [B, Hkv, 1, D] into layer `layer` of the cache at its slot and
-// position, then attends over that slot's positions up to and including it.
+// position, then attends over that slot's positions up to and including it: the last `window` of them when
+// window > 0 (a sliding-window layer), else all.
 at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                      at::Tensor &v_cache, int64_t layer, const at::Tensor &slots, const at::Tensor &positions,
-                     double scale) {
+                     double scale, int64_t window) {
+    TORCH_CHECK(window >= 0, "decode_attention: window must be 0 (none) or a number of positions, got ", window);
     TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat,
                 "decode_attention: q must be float32 [B, Hq, 1, D], got ", q.scalar_type(), " ", q.sizes());
     const int64_t b = q.size(0), hq = q.size(1), d = q.size(3);
@@ -142,7 +172,7 @@ at::Tensor attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor 
         }
     at::Tensor qc = q.contiguous(), out = at::empty(q.sizes(), q.options());
     const int rc = decode_attention(qc.data_ptr<float>(), kl, vl, sp, pp, out.data_ptr<float>(), b, hq, hkv, len, d,
-                                    (float)scale, kv_type == at::kFloat ? 0 : kv_type == at::kHalf ? 1 : 2);
+                                    (float)scale, kv_type == at::kFloat ? 0 : kv_type == at::kHalf ? 1 : 2, window);
     TORCH_CHECK(rc == 0, "decode_attention: out of memory");
     return out;
 }
@@ -235,7 +265,7 @@ at::Tensor decode_layers(const at::Tensor &x, at::TensorList w, double eps, cons
         at::Tensor q = qkv.narrow(1, 0, n_heads * d).view({b, n_heads, 1, d});
         at::Tensor k = qkv.narrow(1, n_heads * d, hkv * d).view({b, hkv, 1, d});
         at::Tensor v = qkv.narrow(1, (n_heads + hkv) * d, hkv * d).view({b, hkv, 1, d});
-        at::Tensor a = attention(q, k, v, k_cache, v_cache, l, slots, positions, scale);
+        at::Tensor a = attention(q, k, v, k_cache, v_cache, l, slots, positions, scale, 0);  // Llama: no window
         h = out_step(h, a.view({b, n_heads * d}), parts, eps);
     }
     return h;
@@ -262,8 +292,9 @@ bool vectorized() { return simd() != 0; }
 TORCH_LIBRARY(LMGEN_OPS, lib) {
     lib.def("q4_matmul(Tensor x, Tensor qs, Tensor d, Tensor m, Tensor? bias) -> Tensor");
     lib.def("q8_matmul(Tensor x, Tensor q, Tensor scales) -> Tensor");
+    lib.def("kq_matmul(Tensor x, Tensor blocks, int kind, Tensor? bias) -> Tensor");
     lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, "
-            "Tensor slots, Tensor positions, float scale) -> Tensor");
+            "Tensor slots, Tensor positions, float scale, int window=0) -> Tensor");
     lib.def("layer_in(Tensor x, Tensor[] layer, float eps, Tensor cos, Tensor sin, int rotated) -> Tensor");
     lib.def("layer_out(Tensor x, Tensor attn, Tensor[] layer, float eps) -> Tensor");
     lib.def("decode_layers(Tensor x, Tensor[] weights, float eps, Tensor cos, Tensor sin, int n_heads, "
@@ -275,6 +306,7 @@ TORCH_LIBRARY(LMGEN_OPS, lib) {
 TORCH_LIBRARY_IMPL(LMGEN_OPS, CPU, lib) {
     lib.impl("q4_matmul", &q4);
     lib.impl("q8_matmul", &q8_op);
+    lib.impl("kq_matmul", &kq);
     lib.impl("decode_attention", &attention);
     lib.impl("layer_in", &layer_in);
     lib.impl("layer_out", &layer_out);
@@ -285,5 +317,6 @@ TORCH_LIBRARY_IMPL(LMGEN_OPS, CPU, lib) {
 TORCH_LIBRARY_IMPL(LMGEN_OPS, Meta, lib) {
     lib.impl("q4_matmul", &q4_meta);
     lib.impl("q8_matmul", &q8_meta);
+    lib.impl("kq_matmul", &kq_meta);
     lib.impl("decode_attention", &attention_meta);
 }

@@ -5,9 +5,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import UnsupportedModelError
-from . import gpt2, llama, qwen2
+from . import gemma3, gpt2, llama, mistral, qwen2, qwen3
 
-ARCHITECTURES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2}
+ARCHITECTURES: dict[str, ModuleType] = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2, "qwen3": qwen3,
+                                         "mistral": mistral, "gemma3_text": gemma3,
+                                         "gemma3": gemma3}  # multimodal Gemma 3: its language model alone
 
 
 def architecture(model_type: str | None, source: object = None) -> ModuleType:

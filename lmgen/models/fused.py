@@ -31,8 +31,10 @@ def _native_linear(m: nn.Module) -> bool:
 
 def _fits(b: nn.Module) -> bool:
     norms = (getattr(b, "input_layernorm", None), getattr(b, "post_attention_layernorm", None))
-    return (isinstance(b, DecoderLayer) and all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32
-                                                and n.weight.is_cpu for n in norms)
+    attn = getattr(b, "self_attn", None)
+    plain = getattr(attn, "q_norm", None) is None and getattr(attn, "window", None) is None  # native calls take neither
+    return (isinstance(b, DecoderLayer) and plain
+            and all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32 and n.weight.is_cpu for n in norms)
             and all(map(_native_linear, (b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj,
                                          b.mlp.down_proj))))
 

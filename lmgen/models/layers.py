@@ -12,51 +12,66 @@ from ..cache import KVCache, Step, causal_step
 from ..errors import UnsupportedModelError
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              cache: KVCache | None, layer: int, step: Step, scale: float | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int, step: Step,
+              scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Causal attention for flat tokens: q [1, Hq, N, D] and k, v [1, Hkv, N, D] -> [1, N, Hq*D].
 
     With a cache, the new keys and values are written first (the kernel writes lone tokens' itself); each lone
-    token then attends over its slot up to its position, and each longer span causally over its slot.
+    token then attends over its slot up to its position, and each longer span causally over its slot. With a
+    `window` W, a query at position p sees only positions p-W+1..p (a sliding-window layer; the cache keeps all).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n, hq, d = q.shape[2], q.shape[1], q.shape[3]
     if cache is None:
-        out = _sdpa(q, k, v, None, scale, causal=True)
+        mask = None if window is None or n <= window else _span_mask(0, n, 0, window, q.device)
+        out = _sdpa(q, k, v, mask, scale, causal=mask is None)
         return out.transpose(1, 2).reshape(1, n, hq * d)
     if step.write_index is not None:
         cache.write(layer, step, k, v)
     if step.all_lone:
-        return _lone(q, k, v, cache, layer, step, scale).view(1, n, hq * d)
+        return _lone(q, k, v, cache, layer, step, scale, window).view(1, n, hq * d)
     out = q.new_empty(1, n, hq, d)
     if step.lone is not None:
         out[0, step.lone] = _lone(q[:, :, step.lone], k[:, :, step.lone], v[:, :, step.lone], cache, layer, step,
-                                  scale)[:, :, 0]
+                                  scale, window)[:, :, 0]
     for span in step.spans:
         if span.count > 1:
             end = span.first + span.count
+            lo = 0 if window is None else max(0, span.first - window + 1)  # the first key any of its queries sees
             rows = slice(span.start, span.start + span.count)
-            keys = cache.k[layer, span.slot:span.slot + 1, :, :end]
-            values = cache.v[layer, span.slot:span.slot + 1, :, :end]
+            keys = cache.k[layer, span.slot:span.slot + 1, :, lo:end]
+            values = cache.v[layer, span.slot:span.slot + 1, :, lo:end]
             # a bfloat16 cache is read as it is (the CPU computes in it); any other, in the queries' dtype
             dtype = keys.dtype if keys.dtype == torch.bfloat16 else q.dtype
-            mask = None if span.first == 0 else (torch.arange(end, device=q.device)[None, :]
-                                                 <= torch.arange(span.first, end, device=q.device)[:, None])
-            part = _sdpa(q[:, :, rows].to(dtype), keys.to(dtype), values.to(dtype), mask, scale, causal=span.first == 0)
+            causal = span.first == 0 and (window is None or end <= window)
+            mask = None if causal else _span_mask(span.first, end, lo, window, q.device)
+            part = _sdpa(q[:, :, rows].to(dtype), keys.to(dtype), values.to(dtype), mask, scale, causal=causal)
             out[0, rows] = part[0].transpose(0, 1).to(q.dtype)
     return out.view(1, n, hq * d)
 
 
-def _lone(q, k, v, cache: KVCache, layer: int, step: Step, scale: float) -> torch.Tensor:
+def _span_mask(first: int, end: int, lo: int, window: int | None, device) -> torch.Tensor:
+    """Which keys at positions lo..end-1 each query at first..end-1 sees: causal, within the window if any."""
+    keys, queries = torch.arange(lo, end, device=device)[None, :], torch.arange(first, end, device=device)[:, None]
+    mask = keys <= queries
+    return mask if window is None else mask & (keys > queries - window)
+
+
+def _lone(q, k, v, cache: KVCache, layer: int, step: Step, scale: float, window: int | None) -> torch.Tensor:
     """Attention of B lone tokens (q [1, Hq, B, D]) over their slots -> [B, Hq, 1, D]."""
     q = q[0].transpose(0, 1)[:, :, None]
     if step.kernel:
         return torch.ops.lmgen.decode_attention(q, k[0].transpose(0, 1)[:, :, None], v[0].transpose(0, 1)[:, :, None],
-                                                cache.k, cache.v, layer, step.lone_slots, step.lone_positions, scale)
-    length = step.lone_mask.shape[-1]
+                                                cache.k, cache.v, layer, step.lone_slots, step.lone_positions, scale,
+                                                window or 0)
+    mask = step.lone_mask
+    length = mask.shape[-1]
+    if window is not None:  # the same keys, fewer of them seen
+        seen = torch.arange(length, device=mask.device) > step.lone_positions.view(-1, 1, 1, 1) - window
+        mask = mask & seen
     keys = cache.k[layer][step.lone_slots, :, :length].to(q.dtype)
     values = cache.v[layer][step.lone_slots, :, :length].to(q.dtype)
-    return _sdpa(q, keys, values, step.lone_mask, scale)
+    return _sdpa(q, keys, values, mask, scale)
 
 
 def _sdpa(q, k, v, mask, scale, causal=False):

@@ -41,6 +41,8 @@ class Config:
     attention_bias: bool
     mlp_bias: bool
     qkv_bias: bool = False  # biases on q, k and v alone (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each q and k head before rope (Qwen3)
+    sliding_window: int | None = None  # every layer attends to this many positions, its own included (Mistral)
 
     @classmethod
     def from_hf(cls, d: dict, path: object = None) -> "Config":
@@ -94,14 +96,20 @@ class Attention(nn.Module):
         heads = c.num_attention_heads + 2 * c.num_key_value_heads
         self.qkv_proj = nn.Linear(c.hidden_size, heads * c.head_dim, bias=c.attention_bias or c.qkv_bias)  # q,k,v
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+        self.window = c.sliding_window
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, step: Step):
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         rotated = self.n_heads + self.n_kv_heads
-        qk = apply_rope(qkv[:, :rotated], cos, sin)  # q and k heads rotate together
+        qk = qkv[:, :rotated]
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, :self.n_heads]), self.k_norm(qk[:, self.n_heads:])), dim=1)
+        qk = apply_rope(qk, cos, sin)  # q and k heads rotate together
         q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, rotated:]
-        return self.o_proj(attention(q, k, v, cache, layer, step))
+        return self.o_proj(attention(q, k, v, cache, layer, step, window=self.window))
 
 
 class MLP(nn.Module):

@@ -4,8 +4,8 @@
 and m, which holds GGUF Q4_0 and Q4_1 blocks exactly. Any number of rows (decoding or a prompt) goes
 through lmgen's native kernel (lmgen/kernels/matmul.c: 8-bit activations, integer dot products, as llama.cpp
 does). The embedding and the output layer keep 8-bit rows with a scale per block of 32 (a GGUF's Q8_0 blocks
-exactly), multiplied by the same native kernel, as do a decoder's linears that the file stores as Q8_0.
-Without a C compiler, torch does it all.
+exactly), multiplied by the same native kernel, as do a decoder's linears that the file stores as Q8_0. A
+file's Q5_0 and K-quant matrices keep their blocks too (models/kquant.py). Without a C compiler, torch does it all.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from .kquant import BlockParts, KBlocks, KEmbedding, KQuantLinear, KRows, PartsLinear, dequantize_k
 
 GROUP = 32  # inputs per 4-bit block: the GGUF block size
 ROWS = 8  # weight rows the native 4-bit kernel reads together
@@ -232,29 +233,71 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def for_blocks(model: nn.Module, name: str, module: nn.Module, weight) -> nn.Module:
-    """The module to hold checkpoint `weight` at `name`: an int4 layer given a file's Q8_0 blocks becomes an 8-bit
-    one (swapped in on the meta device), so they are kept exactly rather than rounded to 4 bits."""
-    if not (isinstance(module, Int4Linear) and isinstance(weight, Q8Blocks) and module.in_features % GROUP == 0):
-        return module
+    """The module to hold checkpoint `weight` at `name` as the file has it: a swapped-in layer given blocks it does
+    not hold (Q8_0 for an int4 layer, Q5_0 or K-quants, mixed parts) is replaced, on the meta device, so they are
+    kept exactly rather than rounded to 4 bits."""
     with torch.device("meta"):
-        new = Int8Linear(module.out_features, module.in_features, bias=module.bias is not None)
-    _put(model, name, new)
+        new = _block_module(module, weight)
+    if new is not module:
+        _put(model, name, new)
+    return new
+
+
+def _block_module(module: nn.Module, weight) -> nn.Module:
+    if isinstance(module, Int8Embedding):
+        is_k = isinstance(weight, KBlocks)
+        return KEmbedding(weight.kind, len(weight.raw), weight.k, module.dtype) if is_k else module
+    if not isinstance(module, (Int4Linear, Int8Linear)):
+        return module
+    bias = module.bias is not None
+    if isinstance(weight, KBlocks):
+        return KQuantLinear(weight.kind, len(weight.raw), weight.k, bias)
+    if isinstance(module, Int8Linear):
+        return module
+    if isinstance(weight, Q8Blocks) and module.in_features % GROUP == 0:
+        return Int8Linear(*weight.q.shape, bias=bias)
+    if isinstance(weight, BlockParts):
+        parts = [_part_module(p) for p in weight.parts]
+        if all(parts):
+            return PartsLinear(parts, module.in_features, module.out_features, bias)
+    return module
+
+
+def _part_module(part) -> nn.Module | None:
+    # a bias-free layer for one part of a fused matrix: None when no layer holds it as it is
+    if isinstance(part, KBlocks):
+        return KQuantLinear(part.kind, len(part.raw), part.k)
+    if isinstance(part, Q8Blocks) and part.q.shape[1] % GROUP == 0:
+        return Int8Linear(*part.q.shape)
+    if isinstance(part, Q4Blocks) and part.q.shape[0] % ROWS == 0:
+        return Int4Linear(part.q.shape[1], part.q.shape[0], bias=False)
+    return None
+
+
+def tie_head(model: nn.Module, head: nn.Module, embedding: nn.Module) -> nn.Module:
+    """The output layer that shares a swapped-in embedding's buffers (tied): a KQuantLinear on K-quant rows."""
+    if not isinstance(embedding, KEmbedding) or not isinstance(head, Int8Linear):
+        return head
+    with torch.device("meta"):
+        new = KQuantLinear(embedding.kind, embedding.out_features, embedding.in_features)
+    _put(model, "lm_head", new)
     return new
 
 
 def quantized_state(module: nn.Module, name: str, weight) -> dict[str, torch.Tensor]:
-    """The state entries for a swapped-in module `name` from its checkpoint weight (float, Q4Blocks or Q8Blocks,
+    """The state entries for a swapped-in module `name` from its checkpoint weight (float, or blocks of any kind,
     blocks always [out, in])."""
-    if isinstance(weight, Q8Blocks) and not isinstance(module, Int8Rows):
-        weight = dequantize_q8(weight)
-    elif isinstance(module, Int4Linear) and not isinstance(weight, Q4Blocks) and module.checkpoint_transposed:
-        weight = weight.t()  # GPT-2's float Conv1D weights are [in, out]
-    if isinstance(module, Int4Linear):
-        parts = Int4Linear.state(weight if isinstance(weight, Q4Blocks) else quantize_q4(weight))
+    if isinstance(module, PartsLinear):
+        return {k: v for i, (m, w) in enumerate(zip(module.parts, weight.parts))
+                for k, v in quantized_state(m, f"{name}.parts.{i}", w).items()}
+    if isinstance(module, KRows):
+        parts = KRows.state(weight)
+    elif isinstance(module, Int4Linear):
+        if isinstance(weight, torch.Tensor) and module.checkpoint_transposed:
+            weight = weight.t()  # GPT-2's float Conv1D weights are [in, out]
+        parts = Int4Linear.state(weight if isinstance(weight, Q4Blocks) else quantize_q4(dequantized(weight)))
     else:
-        if isinstance(weight, Q4Blocks):
-            weight = dequantize_q4(weight)
-        parts = Int8Rows.state(weight)
+        parts = Int8Rows.state(weight if isinstance(weight, Q8Blocks) else dequantized(weight))
     return {f"{name}.{k}": v for k, v in parts.items()}
 
 
@@ -264,10 +307,26 @@ def dequantize_q8(blocks: Q8Blocks) -> torch.Tensor:
     return (blocks.q.float().view(n, -1, k // blocks.d.shape[1]) * blocks.d[..., None]).view(n, k)
 
 
-def cat_rows(parts: list) -> "torch.Tensor | Q4Blocks | Q8Blocks":
-    """Stack weights along their output rows; blocks stay blocks when every part is the same kind."""
-    for kind in (Q4Blocks, Q8Blocks):
-        if all(isinstance(p, kind) for p in parts):
-            return kind(*(torch.cat(c) for c in zip(*parts)))
-    dequantized = {Q4Blocks: dequantize_q4, Q8Blocks: dequantize_q8}
-    return torch.cat([dequantized[type(p)](p) if type(p) in dequantized else p for p in parts])
+def dequantized(weight) -> torch.Tensor:
+    """Float32 weights [N, K] from blocks of any kind; a float tensor as it is."""
+    if isinstance(weight, BlockParts):
+        return torch.cat([dequantized(p) for p in weight.parts])
+    decode = {Q4Blocks: dequantize_q4, Q8Blocks: dequantize_q8, KBlocks: dequantize_k}.get(type(weight))
+    return weight if decode is None else decode(weight)
+
+
+def cat_rows(parts: list) -> "torch.Tensor | Q4Blocks | Q8Blocks | KBlocks | BlockParts":
+    """Stack weights along their output rows: blocks stay blocks (of one kind joined, else as BlockParts); with a
+    float part among them, all become float."""
+    if not all(isinstance(p, (Q4Blocks, Q8Blocks, KBlocks)) for p in parts):
+        return torch.cat([dequantized(p) for p in parts])
+    joined = [parts[0]]
+    for p in parts[1:]:
+        last = joined[-1]
+        if isinstance(p, KBlocks) and isinstance(last, KBlocks) and (p.kind, p.k) == (last.kind, last.k):
+            joined[-1] = KBlocks(p.kind, torch.cat([last.raw, p.raw]), p.k)
+        elif type(p) is type(last) and not isinstance(p, KBlocks):
+            joined[-1] = type(p)(*(torch.cat(c) for c in zip(last, p)))
+        else:
+            joined.append(p)
+    return joined[0] if len(joined) == 1 else BlockParts(tuple(joined))

@@ -18,6 +18,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 # Metadata value types: struct format of the scalars; 8 is a string, 9 an array.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")
 
 
 @dataclass
@@ -90,7 +91,21 @@ class _Parser:
             out = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
             self.pos = end
             return out
+        if item == _STRING:
+            return self.strings(count)
         return [self.value(item) for _ in range(count)]
+
+    def strings(self, count: int) -> list[str]:
+        # A vocabulary's array of strings (262k for Gemma) in one tight loop: twice as fast as string() each.
+        unpack, buf, view, pos, size, out = _LENGTH.unpack_from, self.buf, self.view, self.pos, len(self.buf), []
+        for _ in range(count):
+            start = pos + 8
+            pos = start + unpack(buf, start - 8)[0]
+            if pos > size:
+                raise GGUFParseError(f"a string of {pos - start} bytes runs past the end of the file")
+            out.append(str(view[start:pos], "utf-8"))
+        self.pos = pos
+        return out
 
     def parse(self) -> tuple[dict, list[TensorInfo]]:
         if self.buf[:4] != b"GGUF":

@@ -186,7 +186,16 @@ def _checked_bytes(data: torch.Tensor | np.ndarray, qt: T, shape: tuple[int, ...
 
 
 Q4_TYPES = (T.Q4_0, T.Q4_1)
-BLOCK_TYPES = (*Q4_TYPES, T.Q8_0)  # the blocks lmgen's native kernels run on as they are
+K_TYPES = (T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K)  # kept as their bytes (lmgen/kernels/kquant.c)
+BLOCK_TYPES = (*Q4_TYPES, T.Q8_0, *K_TYPES)  # the blocks lmgen's native kernels run on as they are
+
+
+def block_rows(data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int]) -> torch.Tensor:
+    """A matrix's blocks as they are: uint8 [N, bytes a row], each row K / block_size blocks (a copy)."""
+    qt = T(int(qtype))
+    block, type_size = GGML_QUANT_SIZES[qt]
+    n, k = (int(s) for s in shape)
+    return _checked_bytes(data, qt, (n, k)).view(n, k // block * type_size).clone()
 
 
 def q8_codes(data: torch.Tensor | np.ndarray, shape: tuple[int, int]):
