@@ -390,6 +390,16 @@ def count_parameters(model) -> int:
     return sum(unique.values())
 
 
+def describe_attention(model) -> str:
+    """Which layers attend within a sliding window, and what that means for prefix caching, in words."""
+    windows = [getattr(getattr(b, "self_attn", None), "window", None) for b in model.blocks]
+    cut = sorted({w for w in windows if w})
+    if not cut:
+        return "full on every layer"
+    return (f"sliding window {'/'.join(map(str, cut))} on {sum(bool(w) for w in windows)} of {len(windows)} layers "
+            "(masked: every position stays cached, so prefix caching holds)")
+
+
 def info(args) -> int:
     """lmgen info: architecture, size, context, dtype, vocabulary and chat template of a model."""
     args.dtype = args.device = None
@@ -399,7 +409,8 @@ def info(args) -> int:
              "parameters": count_parameters(lm.model), "weights": lm.weights, "context_length": lm.context_length,
              "dtype": str(lm.dtype),
              "device": str(lm.device), "vocab_size": lm.vocab_size, "eos_token_ids": list(lm.eos_token_ids),
-             "chat_template": bool(lm.tokenizer.chat_template), "constraints": lm.constraints.describe()}
+             "chat_template": bool(lm.tokenizer.chat_template), "attention": describe_attention(lm.model),
+             "constraints": lm.constraints.describe()}
     if args.json:
         _out(facts)
     else:

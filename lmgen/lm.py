@@ -58,7 +58,8 @@ class LM:
 
     @property
     def constraints(self) -> Constraints:
-        """The mask library's set-up for this tokenizer (lmgen.load makes it at load; else on first use)."""
+        """The mask library's set-up for this tokenizer, made on first use (a first constraint, `lmgen serve`'s start):
+        about 0.2 s for a 49k vocabulary, 2 s for Gemma's 262k, which a load without constraints need not pay."""
         if self._constraints is None:
             self._constraints = Constraints(self.tokenizer, self.vocab_size)
         return self._constraints

@@ -107,7 +107,6 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     with _loading_malloc():
         lm = _load(path, gguf, source, dt, dev, quantize, progress, keep_q8=default)
     lm.weights = describe_weights(path, blocks, dt, quantize, default)
-    lm.constraints  # the mask library's tokenizer set-up, at load (lmgen info reports its time)
     return lm
 
 

@@ -107,6 +107,14 @@ def test_models_and_info(tiny_gpt2_dir):
     assert info["architecture"] == "gpt2" and info["vocab_size"] == 50257 and info["context_length"] == 256
     assert info["chat_template"] is False
     assert info["parameters"] == 50257 * 64 + 256 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64
+    assert info["attention"] == "full on every layer"
+
+
+def test_info_names_sliding_window_layers(tiny_gemma3_dir):
+    info = json.loads(lmgen_cli("info", str(tiny_gemma3_dir), "--json").stdout)
+    assert info["architecture"] == "gemma3"
+    assert info["attention"].startswith("sliding window 8 on 2 of 3 layers")
+    assert "prefix caching holds" in info["attention"]
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..store import cache_root
+
 HERE = Path(__file__).parent
 C_SOURCES = (HERE / "matmul.c", HERE / "kquant.c", HERE / "attention.c", HERE / "block.c")
 SOURCES = (*C_SOURCES, HERE / "ops.cpp")
@@ -34,8 +36,7 @@ FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 
 def cache_dir() -> Path:
     """Where built kernels live: $LMGEN_CACHE, else ~/.cache/lmgen."""
-    root = os.environ.get("LMGEN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lmgen")
-    return Path(root).expanduser() / "kernels"
+    return cache_root() / "kernels"
 
 
 @cache
