@@ -11,6 +11,7 @@ through that reference alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -61,8 +62,30 @@ def _rows(seqs, want) -> list[int]:
     return [r for r, s in enumerate(seqs) if want(s.config)]
 
 
+def _rewrites(c) -> bool:
+    """Whether a row's processors below rewrite its scores (else a pass reads the logits themselves, uncopied)."""
+    return bool(c.sampling or c.logit_bias or c.frequency_penalty or c.presence_penalty
+                or c.repetition_penalty not in (None, 1.0))
+
+
+def row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.max(scores, -1) for rows [B, V]: each row's best and where it first is (NaN counting as best), through
+    the maxima of chunks of the row, vectorized, where argmax is a scalar loop (~0.35 ms over 262,144 scores)."""
+    b, v = scores.shape
+    chunk = math.gcd(v, 1024)
+    if chunk < 64 or not scores.is_contiguous():
+        return scores.max(-1)
+    chunks = scores.view(b, v // chunk, chunk)
+    best, at = chunks.amax(-1).max(-1)  # the first chunk holding the best
+    within = chunks.gather(1, at.view(b, 1, 1).expand(b, 1, chunk)).view(b, chunk).argmax(-1)
+    return best, at * chunk + within
+
+
 def _choose_batched(seqs: list[Continuation], logits: torch.Tensor, masked: torch.Tensor) -> list:
-    scores = logits.clone() if masked is logits else masked  # a masked copy is this pass's own
+    if masked is not logits:
+        scores = masked  # a masked copy is this pass's own
+    else:
+        scores = logits.clone() if any(_rewrites(s.config) for s in seqs) else logits
     vocab = scores.shape[-1]
     device = scores.device
     results: list = [None] * len(seqs)
@@ -93,10 +116,14 @@ def _choose_batched(seqs: list[Continuation], logits: torch.Tensor, masked: torc
 
     sampled = [r for r, s in enumerate(seqs) if s.config.sampling]
     greedy = [r for r, s in enumerate(seqs) if not s.config.sampling]
-    tokens = torch.zeros(len(seqs), dtype=torch.long, device=device)
-    if greedy:  # argmax is ~30 us a row: only where it is used
-        tokens[greedy] = scores[greedy].argmax(-1)
-    finite = torch.isfinite(scores.amax(-1)).tolist()  # a row's best score (a greedy row's chosen one) is finite
+    if len(greedy) == len(seqs):  # (indexing would copy every row)
+        best, tokens = row_max(scores)
+    else:
+        tokens = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        if greedy:  # only where it is used
+            tokens[greedy] = row_max(scores[greedy])[1]
+        best = scores.amax(-1)
+    finite = torch.isfinite(best).tolist()  # a row's best score (a greedy row's chosen one) is finite
     draw = [r for r in sampled if finite[r] and results[r] is None]
     if draw:
         cdf = torch.softmax(scores if len(draw) == len(seqs) else scores[draw], dim=-1, dtype=torch.float64)

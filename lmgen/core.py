@@ -161,7 +161,8 @@ def sample_all(works: list[tuple[Generate, dict]], core: "EngineCore") -> list[t
         rows += [(work, i, row) for i, row in work.rows(logits, core).items()]
     if not rows:
         return events
-    chosen = batch_sampler.choose([w.seqs[i] for w, i, _ in rows], torch.stack([r for *_, r in rows]))
+    batch = rows[0][2][None] if len(rows) == 1 else torch.stack([r for *_, r in rows])  # (one row: no copy)
+    chosen = batch_sampler.choose([w.seqs[i] for w, i, _ in rows], batch)
     for (work, i, _), result in zip(rows, chosen):
         if work.finished:
             continue

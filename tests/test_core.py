@@ -73,6 +73,35 @@ def test_a_row_with_no_token_left_fails_alone():
     assert all(isinstance(o, tuple) for o in (out[0], out[2]))
 
 
+@pytest.mark.parametrize("vocab", [262_144, 262_208, 151_936, VOCAB])  # chunked by 1024, 64, 128; not chunked
+def test_row_max_is_torch_max_first_best_and_nan(vocab):
+    torch.manual_seed(vocab)
+    rows = torch.randint(-3, 4, (4, vocab)).float()  # many ties: the first best counts
+    rows[1, [vocab - 1, 7, vocab // 2]] = float("nan")  # NaN is the best, as argmax takes it
+    rows[2] = float("-inf")
+    rows[3, [vocab - 5, 9]] = float("inf")
+    best, at = batch_sampler.row_max(rows)
+    want_best, want_at = torch.max(rows, -1)
+    assert torch.equal(at, rows.argmax(-1)) and torch.equal(at, want_at)
+    assert torch.equal(best.nan_to_num(0.0), want_best.nan_to_num(0.0)) and best[1].isnan()
+
+
+def test_all_greedy_rows_take_the_references_tokens_without_touching_the_logits():
+    configs = [dict(), dict(logprobs=2), dict(logprobs=0, logprobs_mode="processed")]
+    seqs = [Continuation([1, 2], GenerationConfig(max_new_tokens=9, **kw)) for kw in configs]
+    torch.manual_seed(1)
+    logits = torch.randint(-20, 20, (3, 262_144)).float() / 4  # ties at the top
+    before = logits.clone()
+    out = batch_sampler.choose(seqs, logits)
+    assert torch.equal(logits, before)
+    for s, row, (token, logprob) in zip(seqs, logits, out):
+        want_token, want_logprob = s.choose(row)
+        assert token == want_token == row.argmax().item()
+        assert (logprob is None) == (want_logprob is None)
+        if logprob is not None:
+            assert logprob.logprob == pytest.approx(want_logprob.logprob, abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def long_llama(tmp_path_factory):
     return lmgen.load(make_tiny_llama(tmp_path_factory.mktemp("long-llama"), max_position_embeddings=4096))

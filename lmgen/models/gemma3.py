@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache, Step
@@ -21,7 +22,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..weights.hf import config_value
 from . import llama
 from .gpt2 import ACTIVATIONS
-from .layers import CausalLM, apply_rope, attention, embedding, rope_cos_sin, rope_inv_freq
+from .layers import CausalLM, attention, embedding, rope_inv_freq
 from .llama import EMBEDDING, FUSED_LINEARS, ROPE_FACTORS  # noqa: F401 (the module API)
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' layer types
@@ -153,11 +154,30 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        self._scale: tuple | None = None  # (weight, its data and version, 1 + weight): see scale()
+
+    def scale(self) -> torch.Tensor:
+        """1 + weight in float32, made once: the weights are assigned after construction, so it is cached on first
+        use and made again when the weight changes."""
+        w = self.weight
+        if torch.compiler.is_compiling():  # (the compiled graph folds it)
+            return 1.0 + w.float()
+        key = (w.data_ptr(), w._version)  # a new weight, new data (moved, cast) or an in-place change
+        if self._scale is None or self._scale[0] is not w or self._scale[1] != key:
+            with torch.inference_mode(False):  # an ordinary tensor, whatever mode it is first made in
+                self._scale = (w, key, 1.0 + w.detach().float())
+        return self._scale[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return norm(x, self.scale(), self.eps)
+
+
+def norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """x normalized over its last dim, times scale ([D], or [heads, D] for x [..., heads, D]), in float32 and cast
+    back: transformers' products, in one or two calls."""
+    y = x if x.dtype == torch.float32 else x.float()
+    y = F.rms_norm(y, y.shape[-1:], scale, eps) if scale.dim() == 1 else F.rms_norm(y, y.shape[-1:], None, eps) * scale
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -170,14 +190,31 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.scale, self.window = c.query_pre_attn_scalar ** -0.5, window
+        self._qk_scale: tuple | None = None  # (q_norm's scale, k_norm's, theirs per head): see qk_scale()
+
+    def qk_scale(self) -> torch.Tensor:
+        """q_norm's and k_norm's (1 + weight) for each q and k head, [heads, head_dim]: both norms in one call."""
+        q, k = self.q_norm.scale(), self.k_norm.scale()
+        if torch.compiler.is_compiling():
+            return torch.cat((q.expand(self.n_heads, -1), k.expand(self.n_kv_heads, -1)))
+        if self._qk_scale is None or self._qk_scale[0] is not q or self._qk_scale[1] is not k:
+            with torch.inference_mode(False):
+                self._qk_scale = (q, k, torch.cat((q.expand(self.n_heads, -1), k.expand(self.n_kv_heads, -1))))
+        return self._qk_scale[2]
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, step: Step):
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        qkv = self.qkv_proj(x).view(b, t, -1, self.head_dim)  # [b, t, heads, head_dim]
         kv = self.n_heads + self.n_kv_heads
-        q = apply_rope(self.q_norm(qkv[:, :self.n_heads]), cos, sin)
-        k = apply_rope(self.k_norm(qkv[:, self.n_heads:kv]), cos, sin)
-        return self.o_proj(attention(q, k, qkv[:, kv:], cache, layer, step, self.scale, self.window))
+        qk = rotate(norm(qkv[:, :, :kv], self.qk_scale(), self.q_norm.eps), cos, sin).transpose(1, 2)
+        q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, :, kv:].transpose(1, 2)
+        return self.o_proj(attention(q, k, v, cache, layer, step, self.scale, self.window))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """layers.apply_rope's products and sum for x [b, t, heads, D] in fewer calls: rotate-half is x's halves swapped
+    (one roll) with the first negated, and that sign comes in `sin` [b, t, 1, D]."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class MLP(nn.Module):
@@ -225,9 +262,13 @@ class Model(CausalLM):
         self.config = c = config
         self.model = GemmaModel(config)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), persistent=False)
-        self.register_buffer("local_inv_freq", rope_inv_freq(c.head_dim, c.rope_local_theta, c.rope_local_scaling),
-                             persistent=False)
+        # the full layers' and the sliding ones' rotary frequencies, computed together each step
+        freqs = (rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
+                 rope_inv_freq(c.head_dim, c.rope_local_theta, c.rope_local_scaling))
+        self.register_buffer("inv_freqs", torch.stack(freqs), persistent=False)
+        half = c.head_dim // 2
+        self.register_buffer("rope_sign", torch.cat((-torch.ones(half, device="cpu"), torch.ones(half, device="cpu"))),
+                             persistent=False)  # rotate-half's signs, carried by sin
         # a float32 scalar cast to the embeddings' dtype, as transformers does (in bfloat16, sqrt(640) is 25.25)
         self.register_buffer("embed_scale", torch.tensor(c.hidden_size ** 0.5, device="cpu"), persistent=False)
 
@@ -243,10 +284,14 @@ class Model(CausalLM):
     def embed(self, tokens: torch.Tensor, step: Step):
         """Scaled token embeddings, and the rotary cos and sin of each layer type."""
         x = self.model.embed_tokens(tokens)
-        x = x * self.embed_scale.to(x.dtype)
-        kinds = set(self.config.layer_types)
-        freqs = {FULL: self.inv_freq, SLIDING: self.local_inv_freq}
-        return x, {kind: rope_cos_sin(freqs[kind], step.positions, x.dtype) for kind in kinds}
+        x = x * (self.embed_scale if x.dtype == torch.float32 else self.embed_scale.to(x.dtype))
+        # cos and sin [b, t, kind, D] as layers.rope_cos_sin makes them (halves repeated), sin signed for rotate()
+        freqs = step.positions[..., None, None].float() * self.inv_freqs
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin() * self.rope_sign
+        if x.dtype != torch.float32:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return x, {FULL: (cos[:, :, :1], sin[:, :, :1]), SLIDING: (cos[:, :, 1:], sin[:, :, 1:])}
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.model.norm(x))

@@ -59,9 +59,9 @@ def _span_mask(first: int, end: int, lo: int, window: int | None, device) -> tor
 
 def _lone(q, k, v, cache: KVCache, layer: int, step: Step, scale: float, window: int | None) -> torch.Tensor:
     """Attention of B lone tokens (q [1, Hq, B, D]) over their slots -> [B, Hq, 1, D]."""
-    q = q[0].transpose(0, 1)[:, :, None]
+    q = q.transpose(0, 2)  # [1, H, B, D] -> [B, H, 1, D], one view
     if step.kernel:
-        return torch.ops.lmgen.decode_attention(q, k[0].transpose(0, 1)[:, :, None], v[0].transpose(0, 1)[:, :, None],
+        return torch.ops.lmgen.decode_attention(q, k.transpose(0, 2), v.transpose(0, 2),
                                                 cache.k, cache.v, layer, step.lone_slots, step.lone_positions, scale,
                                                 window or 0)
     mask = step.lone_mask
