@@ -83,6 +83,16 @@ def test_native_matmuls_equal_the_product_of_quantized_operands(ops, rows, n, k)
                                atol=2e-4 * float(want.abs().max()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_rows_take_a_files_float16_scales_as_they_are(ops, rows):
+    # GGUF's Q8_0 scales are float16: kept so (fewer bytes per step), they give the bits of their float32 values
+    torch.manual_seed(rows)
+    for k in (576, 608):  # 608: 19 blocks, the 512-bit path's last one alone
+        q, x = torch.randint(-127, 128, (40, k), dtype=torch.int8), torch.randn(rows, k)
+        d = (torch.rand(40, k // GROUP) * 0.01 + 1e-4).half()
+        assert torch.equal(ops.q8_matmul(x, q, d), ops.q8_matmul(x, q, d.float()))
+
+
 def test_quantize_q4_recovers_weights_already_on_its_grid():
     torch.manual_seed(0)
     q = torch.randint(0, 16, (64, 96), dtype=torch.uint8)

@@ -43,6 +43,9 @@
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
+/* bytes of weights prefetched ahead: they stream from memory once a step, a few hundred KB a matrix, too little
+ * for the hardware's prefetcher to run ahead of; at 2 KB the real step's matrices come fastest */
+#define AHEAD 2048
 
 #include "half.h"  /* after SIMD is defined */
 
@@ -64,27 +67,63 @@ typedef struct {
     const int8_t *q;
     const float *d;
     const int16_t *s;
-    const float *dz;  /* with VNNI512, for Q5_0: each scale in 8 lanes, at dz + r nb 8 */
+    const float *dz;    /* with VNNI512, for Q5_0: each scale in 8 lanes, at dz + r nb 8 */
+    const int32_t *nz;  /* and -16 times the sums of each 4 codes (the lanes of a block's dot), at nz + r nb 8 */
     int64_t K;
 } acts;
 
 INLINE acts row_of(acts a, int64_t nb, int64_t i) {
-    acts r = {a.q + i * a.K, a.d + i * nb, a.s + i * (a.K / 16), a.dz ? a.dz + i * nb * 8 : NULL, a.K};
+    acts r = {a.q + i * a.K, a.d + i * nb, a.s + i * (a.K / 16), a.dz ? a.dz + i * nb * 8 : NULL,
+              a.nz ? a.nz + i * nb * 8 : NULL, a.K};
     return r;
 }
 
+#if SIMD
+INLINE float block_amax(const float *x, int B) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < B; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+
+/* 32 codes x * id rounded to nearest, ties to even (as lrintf), and the sums of each 16 */
+INLINE void quantize32(const float *x, float id, int8_t *q, int16_t *s) {
+    __m256i v[4];
+    for (int j = 0; j < 4; j++)
+        v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * j), _mm256_set1_ps(id)));
+    /* pack to bytes: packs interleave 128-bit lanes, the permute puts them back in order */
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i h = _mm256_hadd_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+    const __m256i h2 = _mm256_hadd_epi32(h, h);  /* lanes 0, 1 and 4, 5: the two halves' partial sums */
+    const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h2), _mm256_extracti128_si256(h2, 1));
+    s[0] = (int16_t)_mm_cvtsi128_si32(t);
+    s[1] = (int16_t)_mm_extract_epi32(t, 1);
+}
+#else
+INLINE float block_amax(const float *x, int B) {
+    float amax = 0.0f;
+    for (int j = 0; j < B; j++) amax = fmaxf(amax, fabsf(x[j]));
+    return amax;
+}
+
+INLINE void quantize32(const float *x, float id, int8_t *q, int16_t *s) {
+    for (int j = 0; j < 32; j++) q[j] = (int8_t)lrintf(x[j] * id);
+    for (int j = 0; j < 32; j += 16) {
+        int sum = 0;
+        for (int t = 0; t < 16; t++) sum += q[j + t];
+        s[j / 16] = (int16_t)sum;
+    }
+}
+#endif
+
 static void quantize_row(const float *x, int8_t *q, float *d, int16_t *s, int64_t K, int B) {
     for (int64_t b = 0; b < K / B; b++, x += B, q += B) {
-        float amax = 0.0f;
-        for (int j = 0; j < B; j++) amax = fmaxf(amax, fabsf(x[j]));
-        const float dx = amax / 127.0f, id = dx > 0.0f ? 1.0f / dx : 0.0f;
-        for (int j = 0; j < B; j++) q[j] = (int8_t)lrintf(x[j] * id);
+        const float dx = block_amax(x, B) / 127.0f, id = dx > 0.0f ? 1.0f / dx : 0.0f;
+        for (int j = 0; j < B; j += 32, s += 2) quantize32(x + j, id, q + j, s);
         d[b] = dx;
-        for (int j = 0; j < B; j += 16) {
-            int sum = 0;
-            for (int t = 0; t < 16; t++) sum += q[j + t];
-            *s++ = (int16_t)sum;
-        }
     }
 }
 
@@ -140,9 +179,9 @@ INLINE void q45k_rows(const uint8_t *w, const int five, acts a, int64_t nb, cons
     __m128 accm[R];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), accm[r] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += bytes) {
-        __builtin_prefetch(w + 4 * bytes);
-        __builtin_prefetch(w + 4 * bytes + 64);
-        __builtin_prefetch(w + 4 * bytes + 128);
+        __builtin_prefetch(w + AHEAD);  /* 3 lines: a block's 144 or 176 bytes */
+        __builtin_prefetch(w + AHEAD + 64);
+        __builtin_prefetch(w + AHEAD + 128);
         uint32_t u[4];
         k_scales(w + 4, u);
         /* 8 scales, 8 mins (from registers: a vector load of u's 4 stores could not be forwarded) */
@@ -190,10 +229,10 @@ INLINE void q6k_rows(const uint8_t *w, acts a, int64_t nb, const int R, float *o
     __m256 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 210) {
-        __builtin_prefetch(w + 4 * 210);
-        __builtin_prefetch(w + 4 * 210 + 64);
-        __builtin_prefetch(w + 4 * 210 + 128);
-        __builtin_prefetch(w + 4 * 210 + 192);
+        __builtin_prefetch(w + AHEAD);
+        __builtin_prefetch(w + AHEAD + 64);
+        __builtin_prefetch(w + AHEAD + 128);
+        __builtin_prefetch(w + AHEAD + 192);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)(w + 192));
         __m256i sum[R][2];
         for (int r = 0; r < R; r++) sum[r][0] = sum[r][1] = _mm256_setzero_si256();
@@ -246,7 +285,7 @@ INLINE void q50_rows(const uint8_t *w, acts a, int64_t nb, const int R, float *o
     __m256 acc[R][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += 22) {
-        __builtin_prefetch(w + 16 * 22);
+        __builtin_prefetch(w + AHEAD);
         uint32_t h;
         memcpy(&h, w + 2, 4);
         const __m128i t = _mm_loadu_si128((const __m128i *)(w + 6));
@@ -269,26 +308,41 @@ INLINE void q50_rows(const uint8_t *w, acts a, int64_t nb, const int R, float *o
 
 #if VNNI512
 /* q50_rows with 512-bit vectors: blocks 2p and 2p + 1 in the low and high halves, which are q50_rows' two
- * accumulators, and the same integers and float steps (so the same bits). dz: each block's dx in 8 lanes. */
+ * accumulators, and the same integers and float steps (so the same bits). dz: each block's dx in 8 lanes. One row
+ * (a decoding step) takes the codes q (0..31) unsigned, starting each lane from its -16 sum(qx) (a.nz), the same
+ * integers as sum((q - 16) qx) in fewer steps than moving q - 16's sign onto the activations, as several do. */
 INLINE void q50_rows512(const uint8_t *w, acts a, int64_t nb, const int R, float *out, int64_t ldo) {
-    const __m512i low = _mm512_set1_epi8(15), top = _mm512_set1_epi8((char)0xf0), zero = _mm512_setzero_si512();
+    const __m512i low = _mm512_set1_epi8(15), sixteen = _mm512_set1_epi8(16), top = _mm512_set1_epi8((char)0xf0);
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);  /* the blocks' nibbles: [t0, t0, t1, t1] */
+    const __m512i shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);   /* low nibbles (codes 0..15), then high */
+    const __m256i scales = _mm256_set_epi16(11, 11, 11, 11, 11, 11, 11, 11, 0, 0, 0, 0, 0, 0, 0, 0);  /* d, d' */
     __m512 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2, w += 44) {
-        __builtin_prefetch(w + 16 * 22);
+        __builtin_prefetch(w + AHEAD);
         uint32_t h[2];
         memcpy(&h[0], w + 2, 4);
         memcpy(&h[1], w + 24, 4);
-        const __m128i t0 = _mm_loadu_si128((const __m128i *)(w + 6)), t1 = _mm_loadu_si128((const __m128i *)(w + 28));
-        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(pair(t0, _mm_srli_epi16(t0, 4))),
-                                       pair(t1, _mm_srli_epi16(t1, 4)), 1);
-        q = _mm512_and_si512(q, low);
-        q = _mm512_mask_blend_epi8((__mmask64)h[0] | (__mmask64)h[1] << 32, _mm512_or_si512(q, top), q);
+        const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(w + 6))),
+                                                  _mm_loadu_si128((const __m128i *)(w + 28)), 1);
+        __m512i q = _mm512_permutexvar_epi64(spread, _mm512_castsi256_si512(t));
+        q = _mm512_and_si512(_mm512_srlv_epi64(q, shift), low);
+        const __mmask64 high = (__mmask64)h[0] | (__mmask64)h[1] << 32;
+        const __m512 wd = _mm512_cvtph_ps(_mm256_permutexvar_epi16(scales, _mm256_loadu_si256((const __m256i *)w)));
+        if (R == 1) {
+            q = _mm512_mask_add_epi8(q, high, q, sixteen);
+            const __m512i s = _mm512_dpbusd_epi32(_mm512_loadu_si512((const void *)(a.nz + b * 8)), q,
+                                                  _mm512_loadu_si512((const void *)(a.q + b * 32)));
+            const __m512 scale = _mm512_mul_ps(wd, _mm512_loadu_ps(a.dz + b * 8));
+            acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[0]);
+            continue;
+        }
+        /* several rows: q - 16 as |q - 16|, its sign moved onto each row's activations (no offsets to load) */
+        q = _mm512_mask_blend_epi8(high, _mm512_or_si512(q, top), q);
         const __m512i aq = _mm512_abs_epi8(q);
         const __mmask64 neg = _mm512_movepi8_mask(q);
-        const __m512 wd = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(
-            _mm256_set1_ps(f16_at(w)))), _mm256_castps_pd(_mm256_set1_ps(f16_at(w + 22))), 1));
         for (int r = 0; r < R; r++) {
             const __m512i x = _mm512_loadu_si512((const void *)(a.q + r * a.K + b * 32));
             const __m512i s = _mm512_dpbusd_epi32(zero, aq, _mm512_mask_sub_epi8(x, neg, zero, x));
@@ -303,12 +357,11 @@ INLINE void q50_rows512(const uint8_t *w, acts a, int64_t nb, const int R, float
         memcpy(&h, w + 2, 4);
         const __m128i t = _mm_loadu_si128((const __m128i *)(w + 6));
         __m256i q = _mm256_and_si256(pair(t, _mm_srli_epi16(t, 4)), _mm512_castsi512_si256(low));
-        q = _mm256_mask_blend_epi8((__mmask32)h, _mm256_or_si256(q, _mm512_castsi512_si256(top)), q);
-        const __m256i aq = _mm256_sign_epi8(q, q);
+        q = _mm256_mask_add_epi8(q, (__mmask32)h, q, _mm512_castsi512_si256(sixteen));
         const float d = f16_at(w);
         for (int r = 0; r < R; r++) {
-            const __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(a.q + r * a.K + b * 32)), q);
-            const __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aq, x);
+            const __m256i s = _mm256_dpbusd_epi32(_mm256_loadu_si256((const __m256i *)(a.nz + (r * nb + b) * 8)), q,
+                                                  _mm256_loadu_si256((const __m256i *)(a.q + r * a.K + b * 32)));
             last[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[r * nb + b]), _mm256_cvtepi32_ps(s), last[r]);
         }
     }
@@ -391,6 +444,19 @@ INLINE void q50_rows(const uint8_t *w, acts a, int64_t nb, const int R, float *o
 }
 #endif
 
+#if VNNI512
+/* what q50_rows512 takes per activation row of nb blocks: each block's scale in 8 lanes, and -16 times the sums
+ * of each 4 codes */
+static void q50_lanes(const int8_t *q, const float *d, float *dz, int32_t *nz, int64_t nb) {
+    const __m256i sixteen = _mm256_set1_epi8(16), zero = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i sums = _mm256_dpbusd_epi32(zero, sixteen, _mm256_loadu_si256((const __m256i *)(q + 32 * b)));
+        _mm256_storeu_si256((__m256i *)(nz + 8 * b), _mm256_sub_epi32(zero, sums));
+        _mm256_storeu_ps(dz + 8 * b, _mm256_set1_ps(d[b]));
+    }
+}
+#endif
+
 /* y[i * N] for activation rows [m0, m1) and weight row w: `most` rows a pass, then 4, then one at a time */
 #define ROWS(call, most)                                                                        \
     for (; most > 4 && i + most <= m1; i += most) call(row_of(a, nb, i), nb, most, y + i * N, N); \
@@ -426,17 +492,20 @@ int kq_matmul(const float *x, const uint8_t *w, int kind, const float *bias, flo
     if (!B || K % B) return -2;
     const int64_t nb = K / B, row_bytes = nb * bytes;
     const int64_t lanes = VNNI512 && kind == Q5_0 ? 8 : 0;
-    int8_t *q = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * nb * (1 + lanes)) +
+    int8_t *q = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * nb * (1 + 2 * lanes)) +
                        sizeof(int16_t) * (size_t)(M * K / 16));
     if (!q) return -1;
     float *d = (float *)(q + M * K), *dz = d + M * nb;  /* K is a multiple of 32: aligned */
-    int16_t *s = (int16_t *)(dz + M * nb * lanes);
-    const acts a = {q, d, s, lanes ? dz : NULL, K};
+    int32_t *nz = (int32_t *)(dz + M * nb * lanes);
+    int16_t *s = (int16_t *)(nz + M * nb * lanes);
+    const acts a = {q, d, s, lanes ? dz : NULL, lanes ? nz : NULL, K};
     const int threads = M * N * K >= (1 << 18);  /* below this, waking a thread costs more than it saves */
 #pragma omp parallel for schedule(static) if (threads && M >= 8)
     for (int64_t i = 0; i < M; i++) {
         quantize_row(x + i * K, q + i * K, d + i * nb, s + i * (K / 16), K, B);
-        for (int64_t j = 0; j < nb * lanes; j++) dz[i * nb * lanes + j] = d[i * nb + j / 8];
+#if VNNI512
+        if (lanes) q50_lanes(q + i * K, d + i * nb, dz + i * nb * lanes, nz + i * nb * lanes, nb);
+#endif
     }
     const int64_t tile = 64;  /* activation rows that stay in cache while every weight row streams past them */
     for (int64_t m0 = 0; m0 < M; m0 += tile) {

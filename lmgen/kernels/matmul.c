@@ -8,7 +8,7 @@
  *   qs: 128 bytes; byte 32j + 4r + t (j, t < 4, r < 8) holds code 4j + t of row 8g + r in its low nibble
  *       and code 16 + 4j + t in its high nibble (within a row, GGUF's order: byte i holds codes i, i + 16);
  *   d, m: 8 float16s, the block's scale and offset for rows 8g .. 8g + 7.
- * q8_matmul: W is int8 [N, K] with a float scale per block of 32 inputs (GGUF's Q8_0 blocks).
+ * q8_matmul: W is int8 [N, K] with a scale per block of 32 inputs, float32 or float16 (GGUF's Q8_0 blocks).
  * The activations are quantized to 8 bits per block of 32 (as llama.cpp's Q8_1), so each block's dot
  * product is an integer sum: w . x = d * dx * sum(q * qx) + m * sx, with sx = dx * sum(qx).
  * Plain C, with an AVX2 path. lmgen/kernels/__init__.py builds it at first use (with -ffp-contract=off: the
@@ -39,10 +39,16 @@
 
 #define INLINE static inline __attribute__((always_inline))
 #define PREFETCH 16  /* blocks ahead */
+#define AHEAD 2048   /* bytes of int8 rows prefetched ahead: the 4-bit rows' distance (16 blocks of 128) */
 
 int simd(void) { return SIMD + VNNI; }
 
 #include "half.h"  /* after SIMD is defined */
+
+/* int8 rows' scale of block b: float32, or with `half` float16 (as GGUF's Q8_0 blocks hold them) */
+INLINE float scale_at(const void *ws, const int half, int64_t b) {
+    return half ? half_to_float(((const uint16_t *)ws)[b]) : ((const float *)ws)[b];
+}
 
 /* 8-bit blocks of one activation row: codes qx, scales dx, and sx = dx * sum(qx) per block */
 static void quantize_row(const float *x, int8_t *qx, float *dx, float *sx, int64_t nb) {
@@ -145,9 +151,10 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
     for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * ldo, _mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
-/* out[r * ldo] = int8 W row . x row r for R rows, W with a scale per block of 32 (ws, as GGUF's Q8_0) */
-INLINE void q8_rows(const int8_t *w, const float *ws, const int8_t *qx, const float *dx, int64_t nb, const int R,
-                    const int A, float *out, int64_t ldo) {
+/* out[r * ldo] = int8 W row . x row r for R rows, W with a scale per block of 32 (ws: float32, or with `half`
+ * float16 as GGUF's Q8_0 has them) */
+INLINE void q8_rows(const int8_t *w, const void *ws, const int half, const int8_t *qx, const float *dx, int64_t nb,
+                    const int R, const int A, float *out, int64_t ldo) {
     const int64_t K = nb * 32;
 #if !VNNI
     const __m256i ones = _mm256_set1_epi16(1);
@@ -157,7 +164,9 @@ INLINE void q8_rows(const int8_t *w, const float *ws, const int8_t *qx, const fl
         for (int a = 0; a < A; a++) acc[r][a] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b < nb; b += A) {
+        __builtin_prefetch(w + b * 32 + AHEAD);
         for (int a = 0; a < A && b + a < nb; a++) {
+            const float d = scale_at(ws, half, b + a);
             __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (b + a) * 32));
             __m256i wabs = _mm256_sign_epi8(wv, wv);  /* maddubs multiplies unsigned by signed bytes */
             for (int r = 0; r < R; r++) {
@@ -167,7 +176,7 @@ INLINE void q8_rows(const int8_t *w, const float *ws, const int8_t *qx, const fl
 #else
                 __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), ones));
 #endif
-                acc[r][a] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx[r * nb + b + a] * ws[b + a]), acc[r][a]);
+                acc[r][a] = _mm256_fmadd_ps(p, _mm256_set1_ps(dx[r * nb + b + a] * d), acc[r][a]);
             }
         }
     }
@@ -192,8 +201,8 @@ static void q8_lanes(const int8_t *qx, const float *dx, int32_t *cx, float *dxz,
 /* q8_rows (A = 2) with 512-bit vectors: blocks 2p and 2p + 1 in the low and high halves, which are q8_rows'
  * two accumulators. vpdpbusd takes the weights unsigned, w + 128 (their sign bits flipped), and the activations
  * as they are; taking 128 * the activations' sums back leaves the same integers, so the same floats follow. */
-INLINE void q8_rows512(const int8_t *w, const float *ws, const int8_t *qx, const int32_t *cx, const float *dxz,
-                       int64_t nb, const int R, float *out, int64_t ldo) {
+INLINE void q8_rows512(const int8_t *w, const void *ws, const int half, const int8_t *qx, const int32_t *cx,
+                       const float *dxz, int64_t nb, const int R, float *out, int64_t ldo) {
     const int64_t K = nb * 32;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -201,10 +210,20 @@ INLINE void q8_rows512(const int8_t *w, const float *ws, const int8_t *qx, const
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
+        __builtin_prefetch(w + b * 32 + AHEAD);
+        __builtin_prefetch((const char *)ws + (b + AHEAD / 32) * (half ? 2 : 4));
         const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + b * 32)), flip);
-        double pair;
-        memcpy(&pair, ws + b, sizeof pair);
-        const __m512 wsz = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(pair))));
+        __m128 two;  /* the two blocks' scales */
+        if (half) {
+            uint32_t h;
+            memcpy(&h, (const uint16_t *)ws + b, sizeof h);
+            two = _mm_cvtph_ps(_mm_cvtsi32_si128((int)h));
+        } else {
+            double pair;
+            memcpy(&pair, (const float *)ws + b, sizeof pair);
+            two = _mm_castpd_ps(_mm_set_sd(pair));
+        }
+        const __m512 wsz = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
         for (int r = 0; r < R; r++) {
             __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu,
                                               _mm512_loadu_si512((const void *)(qx + r * K + b * 32)));
@@ -220,7 +239,8 @@ INLINE void q8_rows512(const int8_t *w, const float *ws, const int8_t *qx, const
             __m256i sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu,
                                               _mm256_loadu_si256((const __m256i *)(qx + r * K + b * 32)));
             sum = _mm256_sub_epi32(sum, _mm256_loadu_si256((const __m256i *)(cx + (r * nb + b) * 8)));
-            const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(dxz + (r * nb + b) * 8), _mm256_set1_ps(ws[b]));
+            const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(dxz + (r * nb + b) * 8),
+                                               _mm256_set1_ps(scale_at(ws, half, b)));
             acc[r] = _mm512_mask3_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(sum)),
                                            _mm512_zextps256_ps512(scale), acc[r], 0x00FF);
         }
@@ -252,8 +272,8 @@ INLINE void q4_group(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, 
         }
 }
 
-INLINE void q8_rows(const int8_t *w, const float *ws, const int8_t *qx, const float *dx, int64_t nb, const int R,
-                    const int A, float *out, int64_t ldo) {
+INLINE void q8_rows(const int8_t *w, const void *ws, const int half, const int8_t *qx, const float *dx, int64_t nb,
+                    const int R, const int A, float *out, int64_t ldo) {
     (void)A;
     for (int r = 0; r < R; r++) {
         const int8_t *x = qx + r * nb * 32;
@@ -261,7 +281,7 @@ INLINE void q8_rows(const int8_t *w, const float *ws, const int8_t *qx, const fl
         for (int64_t b = 0; b < nb; b++) {
             int isum = 0;
             for (int j = 0; j < 32; j++) isum += w[b * 32 + j] * x[b * 32 + j];
-            sum += dx[r * nb + b] * ws[b] * (float)isum;
+            sum += dx[r * nb + b] * scale_at(ws, half, b) * (float)isum;
         }
         out[r * ldo] = sum;
     }
@@ -272,8 +292,28 @@ typedef struct {
     const uint8_t *qs;           /* 4-bit codes, or NULL for int8 rows */
     const uint16_t *d, *m;       /* 4-bit block scales and offsets */
     const int8_t *q8;            /* int8 rows */
-    const float *block_scale;    /* their scales, one per block of 32 */
+    const void *block_scale;     /* their scales, one per block of 32: float32, or float16 with half */
+    int half;
 } weights;
+
+/* the rows [m0, m1) of y for int8 row u */
+INLINE void q8_unit(const weights *w, const int half, int64_t u, const int8_t *qx, const float *dx, const int32_t *cx,
+                    const float *dxz, int64_t m0, int64_t m1, int64_t N, int64_t K, float *y) {
+    const int64_t nb = K / 32;
+    const int8_t *wq = w->q8 + u * K;
+    const void *ws = (const char *)w->block_scale + u * nb * (half ? 2 : 4);
+    int64_t i = m0;
+#if VNNI512
+    for (; i + 4 <= m1; i += 4)
+        q8_rows512(wq, ws, half, qx + i * K, cx + i * nb * 8, dxz + i * nb * 8, nb, 4, y + i * N + u, N);
+    for (; i < m1; i++)
+        q8_rows512(wq, ws, half, qx + i * K, cx + i * nb * 8, dxz + i * nb * 8, nb, 1, y + i * N + u, N);
+#endif
+    for (; i + 4 <= m1; i += 4)  /* as one row: the same sums */
+        q8_rows(wq, ws, half, qx + i * K, dx + i * nb, nb, 4, 2, y + i * N + u, N);
+    for (; i < m1; i++)
+        q8_rows(wq, ws, half, qx + i * K, dx + i * nb, nb, 1, 2, y + i * N + u, N);
+}
 
 /* the rows [m0, m1) of y for weight unit u: a group of 8 rows (4-bit) or one row (int8) */
 static void weight_unit(const weights *w, int64_t u, const int8_t *qx, const float *dx, const float *sx,
@@ -291,19 +331,10 @@ static void weight_unit(const weights *w, int64_t u, const int8_t *qx, const flo
             q4_group(wq, wd, wm, qx + i * K, dx + i * nb, sx + i * nb, nb, 4, y + i * N + u * 8, N);
         for (; i < m1; i++)
             q4_group(wq, wd, wm, qx + i * K, dx + i * nb, sx + i * nb, nb, 1, y + i * N + u * 8, N);
+    } else if (w->half) {
+        q8_unit(w, 1, u, qx, dx, cx, dxz, m0, m1, N, K, y);
     } else {
-        const int8_t *wq = w->q8 + u * K;
-        const float *ws = w->block_scale + u * nb;
-#if VNNI512
-        for (; i + 4 <= m1; i += 4)
-            q8_rows512(wq, ws, qx + i * K, cx + i * nb * 8, dxz + i * nb * 8, nb, 4, y + i * N + u, N);
-        for (; i < m1; i++)
-            q8_rows512(wq, ws, qx + i * K, cx + i * nb * 8, dxz + i * nb * 8, nb, 1, y + i * N + u, N);
-#endif
-        for (; i + 4 <= m1; i += 4)
-            q8_rows(wq, ws, qx + i * K, dx + i * nb, nb, 4, 2, y + i * N + u, N);  /* as one row: the same sums */
-        for (; i < m1; i++)
-            q8_rows(wq, ws, qx + i * K, dx + i * nb, nb, 1, 2, y + i * N + u, N);
+        q8_unit(w, 0, u, qx, dx, cx, dxz, m0, m1, N, K, y);
     }
 }
 
@@ -341,14 +372,14 @@ static int matmul(const float *x, const weights *w, const float *bias, float *y,
 /* y[M,N] = x[M,K] @ W^T (+ bias, may be NULL) for 4-bit blocks. Returns 0, or -1 when out of memory. */
 int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias, float *y,
               int64_t M, int64_t N, int64_t K) {
-    const weights w = {qs, d, m, NULL, NULL};
+    const weights w = {qs, d, m, NULL, NULL, 0};
     return matmul(x, &w, bias, y, M, N, K);
 }
 
-/* y[M,N] = x[M,K] @ W^T (+ bias, may be NULL) for int8 rows with a float scale per block of 32. Returns 0, or -1
- * when out of memory. */
-int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, const float *bias, float *y, int64_t M,
-              int64_t N, int64_t K) {
-    const weights w = {NULL, NULL, NULL, q8, block_scale};
+/* y[M,N] = x[M,K] @ W^T (+ bias, may be NULL) for int8 rows with a scale per block of 32: float32, or float16
+ * where `half` (GGUF's Q8_0, as the file has them: fewer bytes to stream). Returns 0, or -1 when out of memory. */
+int q8_matmul(const float *x, const int8_t *q8, const void *block_scale, int half, const float *bias, float *y,
+              int64_t M, int64_t N, int64_t K) {
+    const weights w = {NULL, NULL, NULL, q8, block_scale, half};
     return matmul(x, &w, bias, y, M, N, K);
 }

@@ -18,8 +18,8 @@ extern "C" {
 int simd(void);
 int q4_matmul(const float *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias, float *y,
               int64_t M, int64_t N, int64_t K);
-int q8_matmul(const float *x, const int8_t *q8, const float *block_scale, const float *bias, float *y, int64_t M,
-              int64_t N, int64_t K);
+int q8_matmul(const float *x, const int8_t *q8, const void *block_scale, int half, const float *bias, float *y,
+              int64_t M, int64_t N, int64_t K);
 int kq_block(int kind, int64_t *bytes);
 int kq_matmul(const float *x, const uint8_t *w, int kind, const float *bias, float *y, int64_t M, int64_t N,
               int64_t K);
@@ -82,11 +82,13 @@ at::Tensor q8(const at::Tensor &x, const at::Tensor &q, const at::Tensor &scales
     check_input("q8_matmul", x);
     const int64_t n = q.size(0), k = x.size(1);
     check_weight("q8_matmul", q, at::kChar, n, k);
-    TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat && scales.numel() == n * (k / 32),
-                "q8_matmul: scales must be float32 [", n, ", ", k / 32, "], one per block of 32");
+    const bool half = scales.scalar_type() == at::kHalf;
+    TORCH_CHECK(scales.is_contiguous() && (half || scales.scalar_type() == at::kFloat) &&
+                scales.numel() == n * (k / 32),
+                "q8_matmul: scales must be float32 or float16 [", n, ", ", k / 32, "], one per block of 32");
     check_bias("q8_matmul", bias, n);
     at::Tensor xc = x.contiguous(), y = q8_meta(xc, q, scales);
-    const int rc = q8_matmul(xc.data_ptr<float>(), q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+    const int rc = q8_matmul(xc.data_ptr<float>(), q.data_ptr<int8_t>(), scales.data_ptr(), half,
                              bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), xc.size(0), n, k);
     TORCH_CHECK(rc == 0, "q8_matmul: out of memory");
     return y;

@@ -117,7 +117,7 @@ class Q8Blocks(NamedTuple):
     """8-bit weights [N, K] with a scale per block of 32 inputs: w = d * q (GGUF's Q8_0)."""
 
     q: torch.Tensor  # int8 [N, K]
-    d: torch.Tensor  # float32 [N, K // GROUP]
+    d: torch.Tensor  # float32 [N, K // GROUP], or float16 as a GGUF file holds them
 
     def map_rows(self, fn) -> "Q8Blocks":
         """The same blocks with `fn` applied to the row order of each part."""
@@ -151,7 +151,8 @@ class Int8Rows(nn.Module):
     def state(w: "torch.Tensor | Q8Blocks") -> dict[str, torch.Tensor]:
         """The buffers for float weights [N, K] (quantized in blocks of 32) or a file's 8-bit blocks (exactly)."""
         blocks = w if isinstance(w, Q8Blocks) else quantize_q8(w)
-        return {"qweight": blocks.q, "scales": blocks.d.float().contiguous()}
+        d = blocks.d if blocks.d.dtype == torch.float16 else blocks.d.float()  # a file's float16: fewer bytes a step
+        return {"qweight": blocks.q, "scales": d.contiguous()}
 
     def dequantized(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 weight, or only the given rows."""

@@ -199,11 +199,11 @@ def block_rows(data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, in
 
 
 def q8_codes(data: torch.Tensor | np.ndarray, shape: tuple[int, int]):
-    """A Q8_0 matrix as (codes int8 [N, K], d float32 [N, K/32]): w = d * q."""
+    """A Q8_0 matrix as (codes int8 [N, K], d float16 [N, K/32], the file's own): w = d * q."""
     block, type_size = GGML_QUANT_SIZES[T.Q8_0]
     n, k = (int(s) for s in shape)
     b = _checked_bytes(data, T.Q8_0, (n, k)).view(-1, type_size)
-    return _int8(b, 2, 34).reshape(n, k).clone(), _f16(b, 0).reshape(n, k // block)
+    return _int8(b, 2, 34).reshape(n, k).clone(), b[:, :2].contiguous().view(torch.float16).reshape(n, k // block)
 
 
 def q4_codes(data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int]):
