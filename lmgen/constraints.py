@@ -15,7 +15,6 @@ import os
 import time
 
 import llguidance
-import llguidance.torch as llg_torch
 import numpy as np
 import torch
 
@@ -145,11 +144,11 @@ class Matcher:
             if done == len(self.tokens):
                 bits[row] = words
                 return
-        llg_torch.fill_next_token_bitmask(self.matcher, bits, row)
+        _fill_mask(self.matcher, bits[row])
 
     def _fill_ahead(self) -> tuple[int, torch.Tensor]:
         words = torch.full((1, (self.vocab + 31) // 32), -1, dtype=torch.int32)
-        llg_torch.fill_next_token_bitmask(self.matcher, words, 0)
+        _fill_mask(self.matcher, words[0])
         return len(self.tokens), words[0]
 
     def accept(self, token: int) -> bool:
@@ -246,3 +245,10 @@ def mask_rows(matchers: list[Matcher | None], logits: torch.Tensor) -> tuple[tor
     if not whole:
         scores[rows] = sub
     return scores, {rows[j]: m.dead_end() for j, (m, n) in enumerate(zip(active, counts)) if n == 0}
+
+
+def _fill_mask(matcher: llguidance.LLMatcher, words: torch.Tensor) -> None:
+    """The library's next-token mask into one contiguous int32 CPU row (what llguidance.torch does, without
+    importing it: its module-level torch.compile costs a second of every lmgen import)."""
+    assert words.dtype == torch.int32 and words.is_cpu and words.is_contiguous()
+    matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
