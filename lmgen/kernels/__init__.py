@@ -28,7 +28,7 @@ from ..store import cache_root
 HERE = Path(__file__).parent
 C_SOURCES = (HERE / "matmul.c", HERE / "kquant.c", HERE / "attention.c", HERE / "block.c")
 SOURCES = (*C_SOURCES, HERE / "ops.cpp")
-HEADERS = (HERE / "half.h",)  # included by the C sources: part of a build's key
+HEADERS = (HERE / "simd.h", HERE / "half.h")  # included by the C sources: part of a build's key
 WITHOUT = "int4 layers and decoding attention run through torch (slower)"  # what a failed build costs
 # tried in order: the host's own vector units first, then portable C; OpenMP threads when the compiler has them
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])

@@ -13,12 +13,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define SIMD 1
-#else
-#define SIMD 0
-#endif
+
+#include "simd.h"
 
 #if SIMD
 static inline float hsum8(__m256 v) {
@@ -46,9 +42,7 @@ static inline __m256 exp8(__m256 x) {  /* e^x for x <= 0 (scores minus their max
 }
 #endif
 
-#include "half.h"  /* after SIMD is defined */
-
-#define INLINE static inline __attribute__((always_inline))
+#include "half.h"
 
 enum { F32 = 0, F16 = 1, BF16 = 2 };
 

@@ -5,6 +5,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 static inline float half_to_float(uint16_t h) {
 #if SIMD
     return _cvtsh_ss(h);

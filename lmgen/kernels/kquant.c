@@ -23,31 +23,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define SIMD 1
-#else
-#define SIMD 0
-#endif
 
-#if SIMD && defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define VNNI 1
-#else
-#define VNNI 0
-#endif
-
-#if VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
-#define VNNI512 1  /* Q5_0 two blocks a 512-bit vector */
-#else
-#define VNNI512 0
-#endif
-
-#define INLINE static inline __attribute__((always_inline))
+#include "simd.h"
 /* bytes of weights prefetched ahead: they stream from memory once a step, a few hundred KB a matrix, too little
  * for the hardware's prefetcher to run ahead of; at 2 KB the real step's matrices come fastest */
 #define AHEAD 2048
 
-#include "half.h"  /* after SIMD is defined */
+#include "half.h"
 
 enum { Q5_0 = 6, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 

@@ -18,32 +18,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define SIMD 1
-#else
-#define SIMD 0
-#endif
 
-#if SIMD && defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define VNNI 1  /* vpdpbusd: a block's byte products summed straight into int32, the same exact sums */
-#else
-#define VNNI 0
-#endif
-
-#if VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
-#define VNNI512 1  /* int8 rows two blocks a 512-bit vector */
-#else
-#define VNNI512 0
-#endif
-
-#define INLINE static inline __attribute__((always_inline))
+#include "simd.h"
 #define PREFETCH 16  /* blocks ahead */
 #define AHEAD 2048   /* bytes of int8 rows prefetched ahead: the 4-bit rows' distance (16 blocks of 128) */
 
 int simd(void) { return SIMD + VNNI; }
 
-#include "half.h"  /* after SIMD is defined */
+#include "half.h"
 
 /* int8 rows' scale of block b: float32, or with `half` float16 (as GGUF's Q8_0 blocks hold them) */
 INLINE float scale_at(const void *ws, const int half, int64_t b) {

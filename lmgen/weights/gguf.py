@@ -132,12 +132,11 @@ class GGUFFile:
             raise ConfigError(self.path, f"{self.arch}.attention.sliding_window_pattern",
                               f"must be a count or {layers} booleans")
         sliding = [s and window > 0 for s in sliding]
-        head_dim = config["head_dim"] or hidden // heads
         cap = get("final_logit_softcapping", float, None)
         return dict(config, model_type="gemma3_text", sliding_window=window or None,
                     layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
                     rope_local_base_freq=get("rope.freq_base_swa", float, 10000.0),
-                    query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
+                    query_pre_attn_scalar=hidden // heads if layers == 62 else config["head_dim"],
                     final_logit_softcapping=cap or None, hidden_activation="gelu_pytorch_tanh")
 
     def _rope_factors(self) -> list[float]:

@@ -35,9 +35,13 @@ def _unpack(x: torch.Tensor, bits: int) -> torch.Tensor:
     return out.flatten(-2)
 
 
+def _half(b: torch.Tensor, off: int) -> torch.Tensor:
+    # per-block f16 scale at byte `off` -> (n, 1) float16; the copy is only 2 bytes per block
+    return b[:, off:off + 2].contiguous().view(torch.float16)
+
+
 def _f16(b: torch.Tensor, off: int) -> torch.Tensor:
-    # per-block f16 scale at byte `off` -> (n, 1) float32; the copy is only 2 bytes per block
-    return b[:, off:off + 2].contiguous().view(torch.float16).float()
+    return _half(b, off).float()
 
 
 def _int8(b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -203,7 +207,7 @@ def q8_codes(data: torch.Tensor | np.ndarray, shape: tuple[int, int]):
     block, type_size = GGML_QUANT_SIZES[T.Q8_0]
     n, k = (int(s) for s in shape)
     b = _checked_bytes(data, T.Q8_0, (n, k)).view(-1, type_size)
-    return _int8(b, 2, 34).reshape(n, k).clone(), b[:, :2].contiguous().view(torch.float16).reshape(n, k // block)
+    return _int8(b, 2, 34).reshape(n, k).clone(), _half(b, 0).reshape(n, k // block)
 
 
 def q4_codes(data: torch.Tensor | np.ndarray, qtype: int, shape: tuple[int, int]):
