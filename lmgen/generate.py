@@ -14,11 +14,14 @@ from .stopping import TextTracker
 
 @dataclass
 class TokenLogprob:
-    """A token's log-probability, and the most likely tokens at its step as (token_id, logprob)."""
+    """A token's log-probability, the most likely tokens at its step as (token_id, logprob), its rank there (1: the
+    most likely) and the entropy of that step's distribution in nats, both over the whole vocabulary."""
 
     token_id: int
     logprob: float | None  # None: an echoed prompt's first token, which nothing predicts
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None
+    entropy: float | None = None
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Generation:
     logprobs: list[TokenLogprob] | None = field(repr=False, default=None)
     prompt_logprobs: list[TokenLogprob | None] | None = field(repr=False, default=None)
     score: float | None = None  # beam search: the sequence score
+    token_text = None  # not a field: LM.generate sets it (token id -> text) for a notebook's display
 
 
 class Continuation:
@@ -116,10 +120,17 @@ class Continuation:
 
 
 def token_logprob(scores: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
-    """The log-probability of `token` under scores [V], with the top_n alternatives."""
+    """The log-probability of `token` under scores [V], with the top_n alternatives, its rank and the entropy."""
     logprobs = torch.log_softmax(scores.float(), dim=-1)
     top = []
     if top_n:
         values, ids = torch.topk(logprobs, top_n)
         top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token, float(logprobs[token]), top)
+    own = logprobs[token]
+    rank = int((logprobs > own).sum()) + 1  # ties share the better rank
+    return TokenLogprob(token, float(own), top, rank, entropy(logprobs))
+
+
+def entropy(logprobs: torch.Tensor) -> float:
+    """The entropy in nats of a distribution given as log-probabilities [V] (masked -inf entries count 0)."""
+    return float(-(logprobs.exp() * logprobs).nansum()) + 0.0  # (+ 0.0: no -0.0 for one sure token)

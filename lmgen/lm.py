@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
+from . import batch_sampler
+from .batch_sampler import Distribution
 from .cache import KVCache
 from .compiled import CompiledDecode
 from .constraints import Constraints, constraint_of
@@ -140,13 +143,23 @@ class LM:
         """The next-token distribution [V] (softmax of the last logits), summing to 1."""
         return torch.softmax(self.next_token_logits(prompt), dim=-1)
 
-    def top_tokens(self, prompt: Prompt, k: int = 10) -> list[TokenProb]:
+    def top_tokens(self, prompt: Prompt, k: int = 10) -> TopTokens:
         """The k most likely next tokens as (token_id, token_text, probability), most likely first."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         probs = self.next_token_probs(prompt)
         values, ids = torch.topk(probs, min(k, probs.numel()))
-        return [TokenProb(int(i), self.tokenizer.token_text(int(i)), float(p)) for p, i in zip(values, ids)]
+        return TopTokens(TokenProb(int(i), self.tokenizer.token_text(int(i)), float(p)) for p, i in zip(values, ids))
+
+    def distribution(self, prompt: Prompt, **params) -> Distribution:
+        """The next-token distribution before and after sampling parameters (temperature, top_k, top_p, min_p,
+        typical_p, repetition_penalty, ...), as the engine's batched sampler processes it; sampling is implied."""
+        config = GenerationConfig.from_params(**{"do_sample": True, **params})
+        if not batch_sampler.batched(config) or constraint_of(config):
+            raise ValueError("distribution takes the batched sampler's parameters: temperature, top_k, top_p, min_p, "
+                             "typical_p, logit_bias and the penalties")
+        ids = self.encode(prompt)
+        return batch_sampler.explain(self.next_token_logits(ids), ids, config)
 
     def generate(self, prompt: Prompt | list[Prompt], config: GenerationConfig | None = None,
                  **params) -> list[Generation]:
@@ -163,6 +176,8 @@ class LM:
             if event.generation is not None:
                 results[id(work)][event.index] = event.generation
         out = [g for w in works for _, g in sorted(results[id(w)].items())]
+        for g in out:
+            g.token_text = self.tokenizer.token_text
         if config.prompt_logprobs is not None:
             per_prompt = {id(ids): self.prompt_logprobs(ids, config.prompt_logprobs) for ids in prompts}
             for g in out:
@@ -191,14 +206,16 @@ class LM:
             pass
         return work.logprobs
 
-    def score(self, text: Prompt) -> Score:
-        """Per-token log-probabilities of a text, its total log-likelihood and its perplexity."""
+    def score(self, text: Prompt, top_n: int = 5) -> Score:
+        """Per-token log-probabilities of a text (with each token's rank, the entropy and the top_n alternatives at
+        its step), its total log-likelihood and its perplexity."""
         ids = self.encode(text)
         if len(ids) < 2:
             raise ValueError(f"text must have at least 2 tokens to be scored, got {len(ids)}")
-        logprobs = [lp.logprob for lp in self.prompt_logprobs(ids)[1:]]
+        tokens = self.prompt_logprobs(ids, top_n)[1:]
+        logprobs = [lp.logprob for lp in tokens]
         total = math.fsum(logprobs)
-        return Score(ids, logprobs, total, math.exp(-total / (len(ids) - 1)))
+        return Score(ids, logprobs, total, math.exp(-total / (len(ids) - 1)), tokens, self.tokenizer.token_text)
 
     def core(self, n_slots: int = 1) -> EngineCore:
         """The engine core this LM generates with, with at least n_slots slots (made anew when busy or small)."""
@@ -257,13 +274,21 @@ class StreamEvent(NamedTuple):
     generation: Generation | None
 
 
-class Score(NamedTuple):
-    """What score() returns: the text's ids, the log-probability of each token after the first, and totals."""
+@dataclass
+class Score:
+    """What score() returns: the text's ids, the log-probability of each token after the first, totals, and each
+    token after the first's entry (rank, entropy, alternatives)."""
 
     token_ids: list[int]
     logprobs: list[float]
     total_logprob: float
     perplexity: float
+    tokens: list[TokenLogprob] = field(default_factory=list, repr=False)
+    token_text: Callable[[int], str] | None = field(default=None, repr=False, compare=False)  # for displays
+
+
+class TopTokens(list):
+    """top_tokens()'s rows: a list of TokenProb (its own type so a notebook can show it as a table)."""
 
 
 def lone_surrogate(text: str) -> int | None:

@@ -49,15 +49,17 @@ class ServerState:
     """What the routes share: the engine, the served model's names, the limits and the metrics."""
 
     def __init__(self, engine: Engine, *, model_id: str | None, api_key: str | None, max_n: int, max_body: int,
-                 allowed_hosts: set[str] | None = None):
+                 allowed_hosts: set[str] | None = None, frame_ancestors: list[str] | None = None):
         self.engine, self.lm = engine, engine.lm
         self.model_id = model_id or self.lm.name
         self.names = {self.model_id, self.lm.name, Path(self.lm.name).name}
         check_api_key(api_key)
         self.api_key, self.max_n, self.max_body = api_key, max_n, max_body
         self.allowed_hosts = allowed_hosts  # None: any Host header
+        self.frame_ancestors = list(frame_ancestors or ())  # the origins that may show the page in a frame
         self.metrics = Metrics()
         self.strings = TokenStrings(self.lm.tokenizer)
+        self.id_strings = TokenStrings(self.lm.tokenizer, as_ids=True)
         self.created = int(time.time())
         self.shutting_down = False
         self._stopper: threading.Thread | None = None
@@ -99,6 +101,10 @@ class ServerState:
         config = body.to_generation_config(max_tokens, logprobs, eos)
         self.check_token_ids(list(config.logit_bias or ()), "logit_bias")
         return config
+
+    def token_strings(self, body: SamplingRequest) -> TokenStrings:
+        """How a request's logprobs name tokens: their text, or vLLM's "token_id:<id>" when it asks."""
+        return self.id_strings if body.return_tokens_as_token_ids else self.strings
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """400 naming `param` unless every id is in the served model's vocabulary."""
@@ -240,13 +246,15 @@ def _base(state: ServerState, prefix: str, obj: str) -> dict:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, max_body: int = 1 << 20,
-               model_id: str | None = None, allowed_hosts: set[str] | None = None) -> FastAPI:
+               model_id: str | None = None, allowed_hosts: set[str] | None = None,
+               frame_ancestors: list[str] | None = None) -> FastAPI:
     """The FastAPI app serving `engine`'s model; it starts the engine and stops it at shutdown.
 
     allowed_hosts: the Host header names answered (None: any); serve() sets it for a loopback bind.
+    frame_ancestors: the origins whose pages may frame the explorer (CSP; none by default), as lm.explore() needs.
     """
     state = ServerState(engine, model_id=model_id, api_key=api_key, max_n=max_n, max_body=max_body,
-                        allowed_hosts=allowed_hosts)
+                        allowed_hosts=allowed_hosts, frame_ancestors=frame_ancestors)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -328,7 +336,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
             raise APIError(400, str(e), param="prompt") from None
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         config = state.config(body, max_tokens, body.logprobs, [len(i) for i in ids])
-        n, with_logprobs = body.n, body.logprobs is not None
+        n, strings = body.n, state.token_strings(body) if body.logprobs is not None else None
         choices = [Choice(k * n + j, finish_reason=None if max_tokens else "length")
                    for k in range(len(ids)) for j in range(n)]
         if body.echo:
@@ -339,13 +347,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
         base = _base(state, "cmpl", "text_completion")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(_stream_completion(state, requests, choices, n, base, prompt_tokens, with_logprobs,
+            return EventStream(_stream_completion(state, requests, choices, n, base, prompt_tokens, strings,
                                                   include_usage), requests)
         if requests and not await collect(state, requests, choices, n, request):
             return Response(status_code=499)
         return JSONResponse(dict(base, choices=[
             {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-             "logprobs": completion_logprobs(c.logprobs, state.strings) if with_logprobs else None}
+             "logprobs": completion_logprobs(c.logprobs, strings) if strings else None}
             for c in choices], usage=usage(prompt_tokens, choices)))
 
     @app.post("/v1/chat/completions", summary="Answer a conversation (OpenAI chat completions)",
@@ -377,14 +385,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
         if callable_tools:
             config = GenerationConfig.from_params(config, grammar=tools.grammar(
                 callable_tools, forced=body.tool_choice not in (None, "auto")))
-        n = body.n
+        n, strings = body.n, state.token_strings(body) if body.logprobs else None
         choices = [Choice(j) for j in range(n)]
         parsers = [tools.ToolCallParser() for _ in choices] if callable_tools else None
         requests = state.submit([ids], config, body.constraint_names())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             base = _base(state, "chatcmpl", "chat.completion.chunk")
-            return EventStream(_stream_chat(state, requests, choices, base, len(ids), body.logprobs,
+            return EventStream(_stream_chat(state, requests, choices, base, len(ids), strings,
                                             include_usage, parsers), requests)
         if not await collect(state, requests, choices, n, request):
             return Response(status_code=499)
@@ -397,7 +405,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_n: int = 8, ma
                 parser.feed(c.text, final=True)
                 message, finish = _tool_message(parser), _tool_finish(parser, finish)
             answers.append({"index": c.index, "message": message, "finish_reason": finish,
-                            "logprobs": chat_logprobs(c.logprobs, state.strings) if body.logprobs else None})
+                            "logprobs": chat_logprobs(c.logprobs, strings) if strings else None})
         return JSONResponse(dict(base, choices=answers, usage=usage(len(ids), choices)))
 
     def openapi():
@@ -436,12 +444,13 @@ def _echo(state: ServerState, prompts: list, ids: list[list[int]], choices: list
             c.text, c.logprobs = text, list(entries)
 
 
-async def _stream_completion(state, requests, choices, n, base, prompt_tokens, with_logprobs, include_usage):
-    """text_completion chunks, then (optionally) usage, then [DONE]; an error event ends it with an error chunk."""
+async def _stream_completion(state, requests, choices, n, base, prompt_tokens, strings, include_usage):
+    """text_completion chunks, then (optionally) usage, then [DONE]; an error event ends it with an error chunk.
+    `strings` names the tokens in logprobs (None: no logprobs)."""
     extra = {"usage": None} if include_usage else {}
     for c in choices:
         if c.text or c.finish_reason:  # echo: the prompt comes first (alone, with max_tokens 0)
-            logprobs = completion_logprobs(c.logprobs, state.strings) if with_logprobs else None
+            logprobs = completion_logprobs(c.logprobs, strings) if strings else None
             yield sse(dict(base, choices=[{"index": c.index, "text": c.text, "logprobs": logprobs,
                                            "finish_reason": c.finish_reason}], **extra))
     async for k, event in merged(requests):
@@ -453,7 +462,7 @@ async def _stream_completion(state, requests, choices, n, base, prompt_tokens, w
         added = c.add(event)
         if not event.text and not added and event.generation is None:
             continue  # a token whose text is held back (part of a character or of a stop string)
-        logprobs = completion_logprobs(added, state.strings) if with_logprobs else None
+        logprobs = completion_logprobs(added, strings) if strings else None
         finish = c.finish_reason if event.generation is not None else None
         yield sse(dict(base, choices=[{"index": c.index, "text": event.text, "logprobs": logprobs,
                                        "finish_reason": finish}], **extra))
@@ -462,7 +471,7 @@ async def _stream_completion(state, requests, choices, n, base, prompt_tokens, w
     yield DONE
 
 
-async def _stream_chat(state, requests, choices, base, prompt_tokens, with_logprobs, include_usage, parsers=None):
+async def _stream_chat(state, requests, choices, base, prompt_tokens, strings, include_usage, parsers=None):
     """chat.completion.chunk events: the role first, then content (or tool call) deltas, then each choice's
     finish_reason."""
     extra = {"usage": None} if include_usage else {}
@@ -480,7 +489,7 @@ async def _stream_chat(state, requests, choices, base, prompt_tokens, with_logpr
             return
         c = choices[event.index]
         added = c.add(event)
-        logprobs = chat_logprobs(added, state.strings) if with_logprobs and added else None
+        logprobs = chat_logprobs(added, strings) if strings and added else None
         if parsers is None:
             deltas = [{"content": event.text}] if event.text or added else []
         else:

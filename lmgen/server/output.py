@@ -33,8 +33,9 @@ _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 class TokenStrings:
     """A token's raw bytes and the string OpenAI shows for it ("bytes:\\xe2" when not valid UTF-8 alone)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, as_ids: bool = False):
         self.tokenizer = tokenizer
+        self.as_ids = as_ids  # vLLM's return_tokens_as_token_ids: the string is "token_id:<id>"
         self.byte_level = isinstance(tokenizer.backend.decoder, decoders.ByteLevel)
         self.info = lru_cache(maxsize=65536)(self._info)
 
@@ -46,6 +47,8 @@ class TokenStrings:
             raw = bytes([int(m[1], 16)])
         else:
             raw = self.tokenizer.token_text(token_id).encode("utf-8")
+        if self.as_ids:
+            return f"token_id:{token_id}", list(raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:

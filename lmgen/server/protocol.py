@@ -122,6 +122,8 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
     stop_token_ids: list[TokenId] | None = Field(None, description="Token ids that end generation, besides EOS.")
     include_stop_str_in_output: bool = Field(False, description="Keep the matched stop string in the text.")
+    return_tokens_as_token_ids: bool = Field(False, description='vLLM\'s: name tokens in logprobs "token_id:<id>", '
+                                             "so ids survive tokens that are not valid text alone.")
     use_beam_search: bool = Field(False, description="Beam search (vLLM's field): the n best of best_of beams "
                                   "(or of n), scored as transformers does; deterministic, no sampling.")
     length_penalty: bounded("length_penalty") = Field(1.0, description=about(
