@@ -50,7 +50,7 @@ def _load(args, model=None):
     source = model if model is not None else args.model
     options = {k: getattr(args, k, None) for k in ("dtype", "device", "quantize")}
     if args.quiet or not sys.stderr.isatty():
-        lm = load(source, **options)
+        lm = load(source, **options, progress=False)
     else:
         from rich.progress import Progress
 
@@ -188,20 +188,24 @@ def _plot(rows, prompt: str, path: Path) -> None:
 
 
 def score(args) -> int:
-    """lmgen score: each token's log-probability and the text's perplexity."""
+    """lmgen score: each token's log-probability, rank and step entropy, and the text's perplexity."""
     if args.file and args.text:
         raise ValueError("give the text or --file, not both")
     text = Path(args.file).read_text(encoding="utf-8") if args.file else _read(args.text)
     lm = _load(args)
     s = lm.score(text)
     tokens = [lm.tokenizer.token_text(i) for i in s.token_ids]
+    entries = [None] + s.tokens
     if args.json:
         _out({"token_ids": s.token_ids, "tokens": tokens, "logprobs": [None] + s.logprobs,
+              "ranks": [e and e.rank for e in entries], "entropies": [e and e.entropy for e in entries],
               "total_logprob": s.total_logprob, "perplexity": s.perplexity})
         return 0
-    for tok, lp in zip(tokens, [None] + s.logprobs):
+    sys.stdout.write(f"{'token':>20}  {'logprob':>9}  {'rank':>6}  {'entropy':>7}\n")
+    for tok, e in zip(tokens, entries):
         shown = repr(tok.translate(VISIBLE))[1:-1]
-        sys.stdout.write(f"{shown:>20}  {'' if lp is None else f'{lp:9.4f}'}\n")
+        numbers = "" if e is None else f"{e.logprob:9.4f}  {e.rank:6d}  {e.entropy:7.3f}"
+        sys.stdout.write(f"{shown:>20}  {numbers}\n")
     sys.stdout.write(f"total log-probability {s.total_logprob:.4f} over {len(s.logprobs)} tokens; "
                      f"perplexity {s.perplexity:.4f}\n")
     return 0

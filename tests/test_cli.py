@@ -79,6 +79,8 @@ def test_score_prints_logprobs_and_perplexity(tiny_gpt2_dir, tiny_gpt2):
     s = tiny_gpt2.score(text)
     assert abs(data["perplexity"] - s.perplexity) / s.perplexity < 1e-6
     assert data["logprobs"][0] is None and len(data["logprobs"]) == len(s.token_ids)
+    assert data["ranks"][1:] == [e.rank for e in s.tokens] and data["entropies"][0] is None
+    assert data["entropies"][1:] == [e.entropy for e in s.tokens]
     plain = lmgen_cli("score", "--file", "/dev/stdin", "--model", str(tiny_gpt2_dir), stdin=text)
     assert plain.returncode == 0 and f"perplexity {s.perplexity:.4f}" in plain.stdout
 
