@@ -159,7 +159,16 @@ class LM:
             raise ValueError("distribution takes the batched sampler's parameters: temperature, top_k, top_p, min_p, "
                              "typical_p, logit_bias and the penalties")
         ids = self.encode(prompt)
-        return batch_sampler.explain(self.next_token_logits(ids), ids, config)
+        found = batch_sampler.explain(self.next_token_logits(ids), ids, config)
+        found.token_text = self.tokenizer.token_text  # not a field: for a notebook's display, as on Generation
+        return found
+
+    def explore(self, **options):
+        """The token explorer on this model, served from a background thread: a notebook shows the returned Explorer
+        as a frame; stop() it, or use it in a with block. Options: see lmgen.server.notebook.explore."""
+        from .server.notebook import explore
+
+        return explore(self, **options)
 
     def generate(self, prompt: Prompt | list[Prompt], config: GenerationConfig | None = None,
                  **params) -> list[Generation]:

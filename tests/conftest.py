@@ -235,3 +235,37 @@ def ops(request):
     assert kernels.load("lmgen_portable", (["-O2", "-fopenmp"],))
     assert not torch.ops.lmgen_portable.simd()
     return torch.ops.lmgen_portable
+
+
+# ---- the browser tests' (tests/browser.py): Debian's chromium, and `lmgen serve` on the tiny GPT-2
+
+@pytest.fixture(scope="module")
+def browser():
+    from .browser import CHROMIUM, launch_chromium
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs chromium: scripts/setup.sh --test")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = launch_chromium(p)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2_dir, tmp_path_factory):
+    """`lmgen serve` on the tiny GPT-2, in a subprocess: its base URL."""
+    from .browser import lmgen_serve
+
+    with lmgen_serve(str(tiny_gpt2_dir), tmp_path_factory.mktemp("serve")) as url:
+        yield url
+
+
+@pytest.fixture
+def page(browser, server):
+    """A page on that server's explorer, checked at the end for requests to other sites."""
+    from .browser import close_page, open_page
+
+    page = open_page(browser, server)
+    yield page
+    close_page(page, server)

@@ -2,143 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from lmgen.server.explorer import STATIC_DIR
+
+from .browser import NEEDS_CHROMIUM, assert_bars_match, bars_for, lmgen_serve, next_token, open_page, post, type_prompt
 from .conftest import SEED_PROMPT
 
-sync_api = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "explorer.png"
-VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
-
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs chromium: scripts/setup.sh --test")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def lmgen_serve(model: str, tmp_path: Path, api_key: str | None = None):
-    """Run `lmgen serve` on a free port until the block ends; yields its base URL."""
-    port = free_port()
-    log = (tmp_path / f"serve-{port}.log").open("w+")
-    env = {k: v for k, v in os.environ.items() if k != "LMGEN_API_KEY"}
-    env.update({"HF_HUB_OFFLINE": "1", **({"LMGEN_API_KEY": api_key} if api_key else {})})
-    cmd = [sys.executable, "-m", "lmgen", "serve", "--model", model, "--port", str(port), "-q"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"lmgen serve exited with {proc.returncode}:\n{log.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("lmgen serve did not answer within 180 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_gpt2_dir, tmp_path_factory):
-    with lmgen_serve(str(tiny_gpt2_dir), tmp_path_factory.mktemp("serve")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def open_page(browser, url: str, wait: bool = True):
-    """A page on the explorer, with its console errors and every URL it requested collected."""
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.set_default_timeout(30_000)
-    page.problems, page.urls = [], []
-    page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
-    page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
-    page.on("request", lambda r: page.urls.append(r.url))
-    page.goto(url + "/")
-    if wait:
-        page.wait_for_selector("#bars[data-ids] .bar")
-    return page
-
-
-@pytest.fixture
-def page(browser, server):
-    page = open_page(browser, server)
-    yield page
-    foreign = [u for u in page.urls if not u.startswith(server + "/")]
-    page.close()
-    assert not foreign, f"the page requested other sites: {foreign}"
-
-
-def post(url: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(url + path, json=body, timeout=60)
-
-
-def next_token(url: str, **body) -> dict:
-    r = post(url, "/v1/next_token", body)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def type_prompt(page, text: str) -> None:
-    """Replace the prompt by typing it key by key, as a person would."""
-    box = page.locator("#prompt")
-    box.fill("")
-    box.press_sequentially(text)
-
-
-def bars_for(page, ids: list[int]) -> list[dict]:
-    """Wait for the bars of this prompt (given by its token ids) and read them."""
-    page.wait_for_function("ids => document.querySelector('#bars').dataset.ids === JSON.stringify(ids)", arg=ids)
-    return page.eval_on_selector_all("#bars .bar", """bars => bars.map(b => ({
-        id: +b.dataset.id, probability: +b.dataset.probability, text: b.dataset.text,
-        shown: b.querySelector('.tok').textContent, percent: b.querySelector('.p').textContent}))""")
-
-
-def assert_bars_match(bars: list[dict], api: dict) -> None:
-    assert len(bars) == len(api["tokens"]) == 20
-    for bar, tok in zip(bars, api["tokens"]):
-        assert bar["id"] == tok["id"] and bar["text"] == tok["text"]
-        assert bar["probability"] == tok["probability"]  # the same numbers, not merely close ones
-        assert bar["shown"] == (tok["text"].translate(VISIBLE) or "∅")
-        assert float(bar["percent"].rstrip("%")) == pytest.approx(100 * tok["probability"], rel=0.06)
+pytestmark = NEEDS_CHROMIUM
 
 
 # ------------------------------------------------------------------ the JSON endpoint
@@ -201,10 +77,15 @@ def test_the_page_and_its_files_are_served_from_the_package(server):
     r = httpx.get(server + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in r.headers["content-security-policy"]
-    for name, kind in [("explorer.js", "text/javascript"), ("explorer.css", "text/css")]:
-        r = httpx.get(f"{server}/static/{name}")
-        assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
-        assert "http://" not in r.text and "https://" not in r.text  # nothing from elsewhere
+    kinds = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+    files = sorted(STATIC_DIR.iterdir())
+    assert {"explorer.js", "explorer.css", "index.html"} <= {f.name for f in files}
+    for f in files:  # every module the page imports, each served from the package
+        r = httpx.get(f"{server}/static/{f.name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kinds[f.suffix]), f.name
+        assert r.text == f.read_text()
+        code = r.text.replace('"http://www.w3.org/2000/svg"', "")  # SVG's namespace names, it loads nothing
+        assert "http://" not in code and "https://" not in code  # nothing from elsewhere
     assert httpx.get(server + "/static/..%2Fexplorer.py").status_code == 404
     assert httpx.get(server + "/static/missing.js").status_code == 404
 
@@ -259,7 +140,6 @@ def generated(page) -> list[str]:
 def test_generation_streams_the_apis_text_coloured_by_probability(page, server):
     prompt = "The meaning of life is"
     type_prompt(page, prompt)
-    page.check("input[value=sample]")
     for field, value in [("#temperature", "0.8"), ("#top_k", "50"), ("#top_p", "0.95"), ("#max_tokens", "12"),
                          ("#n", "2"), ("#seed", "11")]:
         page.fill(field, value)
@@ -282,8 +162,8 @@ def test_generation_streams_the_apis_text_coloured_by_probability(page, server):
     # The top 5 alternatives, and the chosen token when it is not among them (logprobs + 1, as OpenAI sends).
     assert page.is_visible("#tip") and len(page.locator("#tip tr").all()) in (5, 6)
     assert re.fullmatch(r"24 tokens in [\d.]+ s · [\d.]+ tokens/s", page.text_content("#speed"))
-    # Greedy needs no seed: the API's greedy text.
-    page.check("input[value=greedy]")
+    # Temperature 0 is greedy: the API's greedy text.
+    page.fill("#temperature", "0")
     page.fill("#n", "1")
     page.click("#generate")
     greedy = post(server, "/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 12}).json()
@@ -293,58 +173,46 @@ def test_generation_streams_the_apis_text_coloured_by_probability(page, server):
 
 def test_server_errors_appear_in_the_page(page, server):
     assert page.is_hidden("#error")
-    page.check("input[value=sample]")
-    page.fill("#top_p", "5")
-    page.click("#generate")
+    with page.expect_response(lambda r: r.url.endswith("/v1/next_token") and r.status == 400):
+        page.fill("#top_p", "5")  # the distribution is asked for first, and refused
     page.wait_for_selector("#error:not([hidden])")
-    message = page.text_content("#error-text")
-    assert "top_p" in message
-    assert page.text_content("#outputs .gen") == ""
     page.click("#error-close")
     assert page.is_hidden("#error")
-    # The distribution's errors too: a prompt longer than the model's context.
-    page.fill("#prompt", "word " * 300)
+    with page.expect_response(lambda r: r.url.endswith("/v1/completions")) as info:
+        page.click("#generate")
+    assert info.value.status == 400
+    page.wait_for_selector("#outputs[data-state=done]")
     page.wait_for_selector("#error:not([hidden])")
+    error = post(server, "/v1/completions", info.value.request.post_data_json).json()["error"]
+    assert page.text_content("#error-text") == f"{error['message']} (parameter: top_p)"
+    assert page.text_content("#outputs .gen") == ""
+    # The distribution's errors too: a prompt longer than the model's context.
+    page.fill("#top_p", "")
+    page.fill("#prompt", "word " * 300)
+    page.wait_for_function("() => document.querySelector('#error-text').textContent.includes('maximum length')")
     assert "maximum length of 256 tokens" in page.text_content("#error-text")
+
+
+DENY_STORAGE = """Object.defineProperty(window, "sessionStorage", {
+    get() { throw new DOMException("The document is sandboxed", "SecurityError"); }})"""
 
 
 def test_the_page_asks_for_the_api_key_of_a_server_that_wants_one(browser, tiny_gpt2_dir, tmp_path):
     with lmgen_serve(str(tiny_gpt2_dir), tmp_path, api_key="s3cret") as url:
         assert post(url, "/v1/next_token", {"prompt": "hi"}).status_code == 401
-        page = open_page(browser, url, wait=False)
-        page.wait_for_selector("#key-form:not([hidden])")
-        assert "API key" in page.text_content("#error-text")
-        page.fill("#api-key", "s3cret")
-        page.press("#api-key", "Enter")
-        page.wait_for_selector("#bars[data-ids] .bar")
-        assert page.get_attribute("#model-name", "title") == httpx.get(url + "/health").json()["model"]
-        assert page.is_hidden("#error") and page.is_hidden("#key-form")
-        page.close()
-
-
-def test_screenshot_of_the_explorer(browser, tmp_path, embedded_path):
-    """The embedded model's bars and a generated, coloured continuation; LMGEN_WRITE_DOCS=1 writes it to
-    docs/explorer.png (a plain run leaves the committed picture alone)."""
-    shot = SCREENSHOT if os.environ.get("LMGEN_WRITE_DOCS") == "1" else tmp_path / "explorer.png"
-    with lmgen_serve(str(embedded_path), tmp_path) as url:
-        page = open_page(browser, url)
-        ids = json.loads(page.get_attribute("#bars", "data-ids"))
-        second = page.locator("#bars .bar").nth(1)  # force the second most likely token, " the"
-        forced = ids + [int(second.get_attribute("data-id"))]
-        second.click()
-        bars_for(page, forced)
-        page.check("input[value=sample]")
-        for field, value in [("#temperature", "0.8"), ("#top_p", "0.95"), ("#max_tokens", "32"), ("#n", "2"),
-                             ("#seed", "4")]:
-            page.fill(field, value)
-        page.click("#generate")
-        texts = generated(page)
-        api = post(url, "/v1/completions", {"prompt": forced, "temperature": 0.8, "top_p": 0.95, "max_tokens": 32,
-                                            "n": 2, "seed": 4}).json()
-        assert texts == [c["text"] for c in api["choices"]]
-        page.locator("#outputs .t").nth(6).hover()
-        shot.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(shot), full_page=True)
-        assert not page.problems, page.problems
-        page.close()
-    assert shot.stat().st_size > 20_000
+        # A cross-site frame (a notebook on another site) may be denied storage: the key is then kept in memory.
+        for script in (None, DENY_STORAGE):
+            page = open_page(browser, url, wait=False, init_script=script)
+            page.wait_for_selector("#key-form:not([hidden])")
+            assert "API key" in page.text_content("#error-text")
+            page.fill("#api-key", "s3cret")
+            page.press("#api-key", "Enter")
+            page.wait_for_selector("#bars[data-ids] .bar")
+            assert page.get_attribute("#model-name", "title") == httpx.get(url + "/health").json()["model"]
+            assert page.is_hidden("#error") and page.is_hidden("#key-form")
+            page.fill("#max_tokens", "4")
+            page.click("#generate")  # completions and scores carry the key too
+            page.wait_for_selector("#outputs[data-state=done] .plot")
+            problems = [p for p in page.problems if "status of 401" not in p]  # the asks before the key
+            assert page.is_hidden("#error") and not problems, problems
+            page.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,18 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .browser import free_port
 from .conftest import make_tiny_gpt2, make_tiny_llama
 
 openai = pytest.importorskip("openai")
 
 API_KEY = "test-key"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -18,8 +18,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .. import batch_sampler
 from ..engine import EngineFull
-from ..params import MAX_LOGPROBS, GenerationConfig, ParameterError
-from .errors import APIError, from_parameter_error
+from ..params import MAX_LOGPROBS, GenerationConfig
+from .errors import APIError
 from .output import clean, echo_logprobs
 from .protocol import ErrorResponse, TokenIds, about, bounded, whole_number
 
@@ -124,7 +124,7 @@ class ScoredToken(BaseModel):
 
     id: int = Field(description="The token id.")
     text: str = Field(description="The token's own text.")
-    offset: int = Field(description="Where the token's text starts in the decoded text.")
+    offset: int = Field(description="Where the token's text starts in the decoded text, in code points.")
     logprob: float | None = Field(description="Its log-probability (null for the first token, which nothing "
                                   "predicts).")
     rank: int | None = Field(description="Its rank at its step over the whole vocabulary (1: the most likely).")
@@ -191,10 +191,7 @@ async def next_token(body: NextTokenRequest, request: Request) -> NextTokenRespo
     if state.shutting_down:
         raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
     _check(body, state)
-    try:
-        config = body.config()
-    except ParameterError as e:
-        raise from_parameter_error(e, {}) from None
+    config = body.config()  # a ParameterError is the app's 400 naming the field
     ids = await asyncio.to_thread(_prompt_ids, state.lm, body, _limit(state))
     async with forward_gate(request):
         # The forward pass runs on the engine's thread, between its steps: the event loop goes on serving.
