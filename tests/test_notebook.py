@@ -194,6 +194,21 @@ def test_loading_off_a_terminal_makes_no_bar_and_a_callable_gets_the_counts(tiny
         lmgen.load(tiny_gpt2_dir, progress="yes")
 
 
+def test_loading_in_a_kernel_shows_the_notebook_widget(tiny_gpt2_dir):
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("ipywidgets")
+    source = (f"import lmgen\nfrom lmgen import loading\nloading.LOAD_BAR_DELAY = 0\n"
+              f"lm = lmgen.load({str(tiny_gpt2_dir)!r})\nprint(lm.vocab_size)")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outputs = nb.cells[0].outputs
+    widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widgets, outputs  # tqdm.notebook's bar, not text on stderr
+    assert not [o for o in outputs if o.get("name") == "stderr"]
+    assert "50257" in text_of(nb.cells[0])
+
+
 # ------------------------------------------------------------------ lm.explore()
 
 
