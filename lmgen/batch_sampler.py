@@ -260,12 +260,12 @@ class Distribution:
     @property
     def entropy(self) -> float:
         """The entropy (nats) of the model's distribution."""
-        return entropy(self.raw.log())
+        return float(entropy(self.raw.log()))
 
     @property
     def processed_entropy(self) -> float:
         """The entropy (nats) of the distribution sampling draws from."""
-        return entropy(self.processed.log())
+        return float(entropy(self.processed.log()))
 
     @property
     def removed(self) -> dict[str, int]:

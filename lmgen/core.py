@@ -20,7 +20,7 @@ import torch
 from . import batch_sampler, constraints, sampling
 from .beam import Beam, BeamState
 from .cache import KVCache, Span
-from .generate import Continuation, Generation, TokenLogprob, token_logprob
+from .generate import Continuation, Generation, TokenLogprob, token_logprobs
 from .stopping import TextTracker
 
 CHUNK = 64  # prompt tokens per piece; pieces start at multiples of CHUNK (or where a cached prefix ends)
@@ -235,8 +235,8 @@ class PromptScore(Work):
     def update(self, logits, core):
         rows, first = logits[0]
         ids = self.prompt
-        for j, row in enumerate(rows[:len(ids) - 1 - first]):
-            self.logprobs.append(token_logprob(row, ids[first + j + 1], self.top_n))
+        n = min(len(rows), len(ids) - 1 - first)  # this step's rows that predict a prompt token
+        self.logprobs += token_logprobs(rows[:n], ids[first + 1:first + 1 + n], self.top_n)
         if len(self.logprobs) < len(ids):
             return []
         self.close(core.cache)

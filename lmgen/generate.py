@@ -121,16 +121,28 @@ class Continuation:
 
 def token_logprob(scores: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
     """The log-probability of `token` under scores [V], with the top_n alternatives, its rank and the entropy."""
-    logprobs = torch.log_softmax(scores.float(), dim=-1)
-    top = []
-    if top_n:
-        values, ids = torch.topk(logprobs, top_n)
-        top = list(zip(ids.tolist(), values.tolist()))
-    own = logprobs[token]
-    rank = int((logprobs > own).sum()) + 1  # ties share the better rank
-    return TokenLogprob(token, float(own), top, rank, entropy(logprobs))
+    return token_logprobs(scores[None], [token], top_n)[0]
 
 
-def entropy(logprobs: torch.Tensor) -> float:
-    """The entropy in nats of a distribution given as log-probabilities [V] (masked -inf entries count 0)."""
-    return float(-(logprobs.exp() * logprobs).nansum()) + 0.0  # (+ 0.0: no -0.0 for one sure token)
+def token_logprobs(scores: torch.Tensor, tokens: list[int], top_n: int, rows: int = 64) -> list[TokenLogprob]:
+    """token_logprob for each row of scores [N, V] and its token, `rows` rows at a time (a whole prompt's
+    float32 copies would take N * V * 8 bytes)."""
+    out = []
+    for start in range(0, len(tokens), rows):
+        logprobs = torch.log_softmax(scores[start:start + rows].float(), dim=-1)
+        chosen = torch.tensor(tokens[start:start + rows], device=logprobs.device)[:, None]
+        own = logprobs.gather(1, chosen)
+        ranks = ((logprobs > own).sum(1) + 1).tolist()  # ties share the better rank
+        entropies = entropy(logprobs).tolist()
+        tops = [[]] * len(ranks)
+        if top_n:
+            values, ids = torch.topk(logprobs, top_n)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        out += [TokenLogprob(t, lp, top, rank, h) for t, lp, top, rank, h in
+                zip(chosen[:, 0].tolist(), own[:, 0].tolist(), tops, ranks, entropies)]
+    return out
+
+
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """The entropy in nats of distributions given as log-probabilities [..., V] (masked -inf entries count 0)."""
+    return -(logprobs.exp() * logprobs).nansum(-1) + 0.0  # (+ 0.0: no -0.0 for one sure token)
