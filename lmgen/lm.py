@@ -17,7 +17,7 @@ from .compiled import CompiledDecode
 from .constraints import Constraints, constraint_of
 from .core import EngineCore, Event, Generate, PromptScore, Work, beam_work, continuations
 from .generate import Generation, TokenLogprob
-from .params import GenerationConfig
+from .params import BOUNDS, GenerationConfig, ParameterError
 from .tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -210,6 +210,9 @@ class LM:
 
     def prompt_logprobs(self, prompt: Prompt, top_n: int = 0) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first)."""
+        bound = BOUNDS["prompt_logprobs"]
+        if top_n is None or not bound.ok(top_n):
+            raise ParameterError("top_n", bound.text().removeprefix("None or "), top_n)
         work = PromptScore(self.encode(prompt), top_n)
         for _ in self._drive([work]):
             pass

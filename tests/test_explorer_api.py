@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from lmgen import batch_sampler, sampling
 from lmgen.engine import Engine
-from lmgen.params import GenerationConfig
+from lmgen.params import GenerationConfig, ParameterError
 from lmgen.server.app import create_app
 
 from .conftest import SEED_PROMPT
@@ -172,6 +172,13 @@ def test_the_page_may_be_framed_only_by_the_origins_given(lm):
     app = create_app(Engine(lm), frame_ancestors=["http://localhost:8888"])
     csp = TestClient(app).get("/").headers["content-security-policy"]
     assert csp.endswith("frame-ancestors http://localhost:8888")
+
+
+@pytest.mark.parametrize("top_n", [-1, 21, "5", None, 2.0])
+def test_score_refuses_a_bad_top_n_naming_it(lm, top_n):
+    with pytest.raises(ParameterError) as e:
+        lm.score("The quick brown fox", top_n=top_n)
+    assert e.value.field == "top_n" and "[0, 20]" in str(e.value)
 
 
 def test_explain_refuses_processors_the_batched_pass_has_not(lm):
