@@ -17,13 +17,6 @@
 #include "simd.h"
 
 #if SIMD
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline __m256 exp8(__m256 x) {  /* e^x for x <= 0 (scores minus their max) */
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  /* below this e^x is under float's normal range: ~0 */
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -76,7 +69,7 @@ static float softmax_numerators(float *p, int64_t L) {
         _mm256_storeu_ps(p + t, e);
         acc = _mm256_add_ps(acc, e);
     }
-    sum = hsum8(acc);
+    sum = hsum(acc);
 #endif
     for (; t < L; t++) sum += p[t] = expf(p[t] - m);
     return sum;
@@ -105,7 +98,7 @@ INLINE void attend(const float *q, const void *k, const void *v, float *o, float
     for (; t < L; t++) {
         __m256 a = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv8(k, t * D + d, kind), a);
-        p[t] = scale * hsum8(a);
+        p[t] = scale * hsum(a);
     }
     const __m256 inv = _mm256_set1_ps(1.0f / softmax_numerators(p, L));
     __m256 acc[D / 8];

@@ -126,19 +126,6 @@ INLINE void k_scales(const uint8_t *p, uint32_t u[4]) {
 }
 
 #if SIMD
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-INLINE float hsum128(__m128 s) {
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* acc + the int16 pairs of a and b multiplied and summed pairwise into int32 (exact) */
 INLINE __m256i dot16(__m256i acc, __m256i a, __m256i b) {
 #if VNNI

@@ -73,13 +73,6 @@ static void quantize_row(const float *x, int8_t *qx, float *dx, float *sx, int64
 }
 
 #if SIMD
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 INLINE __m256i broadcast4(const int8_t *x) {  /* 4 activation bytes into every 32-bit lane */
     int32_t v;
     memcpy(&v, x, 4);

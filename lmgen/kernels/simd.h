@@ -21,4 +21,16 @@
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
+
+#if SIMD
+INLINE float hsum128(__m128 s) {  /* the sum of a vector's lanes */
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE float hsum(__m256 v) {
+    return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+#endif
 #endif
