@@ -55,6 +55,17 @@ def make_tiny_gpt2(folder: Path, *, safetensors: bool = True, seed: int = 0) -> 
     return folder
 
 
+def save_random(model, folder: Path, *, vectors=(1, 0.1), biases=None, safetensors: bool = True) -> Path:
+    """Give a fresh model's matrices N(0, 0.2) and its vectors N(*vectors) (biases N(*biases) when given), so tokens
+    differ clearly and argmax ties are rare; save it with the GPT-2 BPE as its tokenizer."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(*(0, 0.2) if p.dim() > 1 else biases if biases and name.endswith("bias") else vectors)
+    save(model, folder, safetensors)
+    write_gpt2_tokenizer(folder)
+    return folder
+
+
 def make_tiny_llama(folder: Path, *, safetensors: bool = True, seed: int = 0, **overrides) -> Path:
     """A random 2-layer Llama (grouped-query attention) using the GPT-2 BPE as its tokenizer."""
     import transformers
@@ -66,12 +77,7 @@ def make_tiny_llama(folder: Path, *, safetensors: bool = True, seed: int = 0, **
                 bos_token_id=50256, eos_token_id=50256)
     args.update(overrides)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(1, 0.1)
-    save(model, folder, safetensors)
-    write_gpt2_tokenizer(folder)
-    return folder
+    return save_random(model, folder, safetensors=safetensors)
 
 
 def make_tiny_qwen2(folder: Path, *, seed: int = 0, **overrides) -> Path:
@@ -84,12 +90,7 @@ def make_tiny_qwen2(folder: Path, *, seed: int = 0, **overrides) -> Path:
                 rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
     args.update(overrides)
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**args)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(0, 0.1) if name.endswith("bias") else p.normal_(1, 0.1)
-    save(model, folder, True)
-    write_gpt2_tokenizer(folder)
-    return folder
+    return save_random(model, folder, biases=(0, 0.1))
 
 
 def make_tiny_qwen3(folder: Path, *, seed: int = 0, **overrides) -> Path:
@@ -103,12 +104,7 @@ def make_tiny_qwen3(folder: Path, *, seed: int = 0, **overrides) -> Path:
                 eos_token_id=50256)
     args.update(overrides)
     model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**args)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(1, 0.3)  # norms far from 1, so q/k norms matter
-    save(model, folder, True)
-    write_gpt2_tokenizer(folder)
-    return folder
+    return save_random(model, folder, vectors=(1, 0.3))  # norms far from 1, so q/k norms matter
 
 
 def make_tiny_mistral(folder: Path, *, seed: int = 0, sliding_window: int | None = 6, **overrides) -> Path:
@@ -123,12 +119,7 @@ def make_tiny_mistral(folder: Path, *, seed: int = 0, sliding_window: int | None
                 bos_token_id=50256, eos_token_id=50256)
     args.update(overrides)
     model = transformers.MistralForCausalLM(transformers.MistralConfig(**args)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(1, 0.1)
-    save(model, folder, True)
-    write_gpt2_tokenizer(folder)
-    return folder
+    return save_random(model, folder)
 
 
 def make_tiny_gemma3(folder: Path, *, seed: int = 0, legacy_config: bool = False, **overrides) -> Path:
@@ -150,11 +141,7 @@ def make_tiny_gemma3(folder: Path, *, seed: int = 0, legacy_config: bool = False
                 tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256, pad_token_id=0)
     args.update(overrides)
     model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**args)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(0, 0.3)  # norms scale by 1 + w: w far from 0
-    save(model, folder, True)
-    write_gpt2_tokenizer(folder)
+    save_random(model, folder, vectors=(0, 0.3))  # norms scale by 1 + w: w far from 0
     if legacy_config:
         path = folder / "config.json"
         cfg = json.loads(path.read_text())

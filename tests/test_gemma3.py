@@ -114,7 +114,7 @@ def test_a_multimodal_checkpoint_loads_its_language_model(tmp_path):
     as the Hub's do (here the 4 key heads and the rotary bases are left to them)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
-    from .conftest import save, write_gpt2_tokenizer
+    from .conftest import save_random
 
     torch.manual_seed(0)
     text = Gemma3TextConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -124,12 +124,7 @@ def test_a_multimodal_checkpoint_loads_its_language_model(tmp_path):
                                 image_size=28, patch_size=14)
     model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision,
                                                         mm_tokens_per_image=4)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(0, 0.3)
-    folder = tmp_path / "mm"
-    save(model, folder, True)
-    write_gpt2_tokenizer(folder)
+    folder = save_random(model, tmp_path / "mm", vectors=(0, 0.3))
     path = folder / "config.json"
     cfg, defaults = json.loads(path.read_text()), Gemma3TextConfig().to_dict()
     cfg["text_config"] = {k: v for k, v in cfg["text_config"].items() if k == "model_type" or defaults.get(k) != v}
