@@ -141,22 +141,30 @@ def _gpt2_tensors(state: dict, cfg: dict, *, output: bool) -> list[tuple[str, st
     return out
 
 
+def _text_model_parameters(writer: gguf.GGUFWriter, cfg: dict) -> None:
+    """convert_hf_to_gguf's TextModel.set_gguf_parameters for a Llama-shaped config (the rope base is each
+    model's own): sizes, heads, the norms' epsilon, and key and value lengths where head_dim is given (Qwen3's and
+    Gemma's are not hidden / heads)."""
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if cfg.get("head_dim"):
+        writer.add_key_length(cfg["head_dim"])
+        writer.add_value_length(cfg["head_dim"])
+
+
 def _gemma3_gguf(writer: gguf.GGUFWriter, state: dict, cfg: dict) -> list[tuple[str, str, np.ndarray]]:
     """convert_hf_to_gguf's Gemma3Model: TextModel's parameters (the full layers' rope base, the sliding ones' as
     freq_base_swa), key and value lengths and the sliding window, but no layer types (llama.cpp makes every 6th
     layer global); q and k unpermuted, every norm stored as 1 + w (norm_shift); tied, so no output.weight."""
     rope = cfg["rope_parameters"]
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    _text_model_parameters(writer, cfg)
     writer.add_rope_freq_base(rope["full_attention"]["rope_theta"])
     writer.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_key_length(cfg["head_dim"])
-    writer.add_value_length(cfg["head_dim"])
     if cfg.get("final_logit_softcapping"):
         writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     writer.add_sliding_window(cfg["sliding_window"])
@@ -209,18 +217,9 @@ def write_gguf(hf_folder: Path, out_path: Path, qtype: Q | Sequence[Q] = Q.F32, 
     state = {k: v.float().numpy() for k, v in load_file(hf_folder / "model.safetensors").items()}
     writer = gguf.GGUFWriter(out_path, GGUF_ARCH.get(arch, arch))
     if arch in ("llama", "qwen2", "qwen3", "mistral"):
-        writer.add_context_length(cfg["max_position_embeddings"])
-        writer.add_embedding_length(cfg["hidden_size"])
-        writer.add_block_count(cfg["num_hidden_layers"])
-        writer.add_feed_forward_length(cfg["intermediate_size"])
-        writer.add_head_count(cfg["num_attention_heads"])
-        writer.add_head_count_kv(cfg["num_key_value_heads"])
+        _text_model_parameters(writer, cfg)
         writer.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
-        writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
         writer.add_vocab_size(cfg["vocab_size"])
-        if cfg.get("head_dim"):  # TextModel.set_gguf_parameters: Qwen3's head_dim is not hidden / heads
-            writer.add_key_length(cfg["head_dim"])
-            writer.add_value_length(cfg["head_dim"])
         tensors = _llama_tensors(state, cfg) + _rope_freqs(cfg)
     elif arch == "gpt2":
         writer.add_context_length(cfg["n_positions"])

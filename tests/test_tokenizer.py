@@ -228,13 +228,19 @@ SPM_TEXTS = ["hello world", " hello", "hello\nworld", "héllo 日本 👍🏽", 
              "string sting", ""]
 
 
+def transformers_spm(mapping, arch: str, meta: dict):
+    """transformers' own tokenizer from a SentencePiece GGUF's metadata (its gguf_tokenizer_mapping)."""
+    ref, _ = mapping.convert_gguf_tokenizer(arch, {
+        "tokenizer_type": "llama", "tokens": meta["tokenizer.ggml.tokens"], "scores": meta["tokenizer.ggml.scores"],
+        "token_type": meta["tokenizer.ggml.token_type"]})
+    return ref
+
+
 def test_sentencepiece_matches_transformers():
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
     meta = spm_metadata()
     tok = tokenizer_from_gguf(meta)
-    ref, _ = mapping.convert_gguf_tokenizer("llama", {
-        "tokenizer_type": "llama", "tokens": meta["tokenizer.ggml.tokens"], "scores": meta["tokenizer.ggml.scores"],
-        "token_type": meta["tokenizer.ggml.token_type"]})
+    ref = transformers_spm(mapping, "llama", meta)
     for text in SPM_TEXTS:
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == ref.encode(text, add_special_tokens=False).ids, text
@@ -264,9 +270,7 @@ def test_gemma_sentencepiece_matches_transformers():
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
     meta = gemma_metadata()
     tok = tokenizer_from_gguf(meta)
-    ref, _ = mapping.convert_gguf_tokenizer("gemma3", {
-        "tokenizer_type": "llama", "tokens": meta["tokenizer.ggml.tokens"], "scores": meta["tokenizer.ggml.scores"],
-        "token_type": meta["tokenizer.ggml.token_type"]})
+    ref = transformers_spm(mapping, "gemma3", meta)
     texts = ["hello world", "hello  world", " " * 9 + "x", "\t  x\n\nhello", "<start_of_turn>hello<end_of_turn>\n",
              "<b>hello</b>", "▁▁x ▁x", "héllo"]
     for text in texts:
