@@ -22,7 +22,7 @@ from ..engine import Engine, EngineFull, EngineStopped
 from ..errors import LmgenError
 from ..params import GenerationConfig, ParameterError
 from ..sampling import InvalidScoresError
-from .errors import APIError, from_parameter_error, from_validation_errors
+from .errors import APIError, from_parameter_error, from_validation_errors, shutdown_error
 from .explorer import forward_gate
 from .explorer import router as explorer_router
 from .gate import Gate, check_api_key
@@ -123,7 +123,7 @@ class ServerState:
         """One engine request per prompt; 429 (Retry-After) when the queue is full, 503 when shutting down.
         `names`: the request's own names of GenerationConfig fields, for a 400 that names one."""
         if self.shutting_down:
-            raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
+            raise shutdown_error()
         requests = []
         try:
             for ids in prompts:
@@ -134,7 +134,7 @@ class ServerState:
         except EngineFull as e:
             cancel(requests)
             if self.shutting_down:
-                raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
+                raise shutdown_error()
             raise APIError(429, f"The server is busy ({e}); retry shortly.", type="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         return requests

@@ -35,6 +35,11 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def shutdown_error() -> APIError:
+    """The 503 for a request that arrives while the server shuts down."""
+    return APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
+
+
 def from_parameter_error(e: ParameterError, names: dict[str, str] | None = None) -> APIError:
     """A 400 for a ParameterError from a request model or GenerationConfig, named as the API (or `names`, the
     request's own spelling of a field) names the field."""

@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from .. import batch_sampler
 from ..engine import EngineFull
 from ..params import MAX_LOGPROBS, GenerationConfig
-from .errors import APIError
+from .errors import APIError, shutdown_error
 from .output import clean, echo_logprobs
 from .protocol import ErrorResponse, TokenIds, about, bounded, whole_number
 
@@ -34,7 +34,6 @@ STATIC = {p.name: MEDIA_TYPES[p.suffix] for p in sorted(STATIC_DIR.iterdir()) if
 CSP = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'; "
        "frame-ancestors {}")
 HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")  # NextTokenRequest's
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
 
 router = APIRouter()
@@ -72,7 +71,7 @@ class NextTokenRequest(PromptRequest):
 
     def config(self) -> GenerationConfig:
         """The sampling config these parameters make (sampling implied); ParameterError naming a field otherwise."""
-        given = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+        given = self.model_dump(exclude_none=True, exclude={*PromptRequest.model_fields, "top_n"})
         return GenerationConfig(do_sample=True, max_new_tokens=1, **given)
 
 
@@ -143,19 +142,28 @@ class ScoreResponse(BaseModel):
     perplexity: float = Field(description="exp(-total_logprob / (tokens - 1)).")
 
 
-def _check(body: PromptRequest, state) -> None:
+def _admitted(body: PromptRequest, request: Request):
+    """The served state, once the request names its model (or none), arrives before shutdown, and gives exactly one
+    of prompt and token_ids, ids in the vocabulary; 4xx or 503 otherwise."""
+    state = request.app.state.lmgen
+    state.check_model(body.model)
+    if state.shutting_down:
+        raise shutdown_error()
     if (body.prompt is None) == (body.token_ids is None):
         which = "not both" if body.prompt is not None else "one of them is required"
         raise APIError(400, f"Give either prompt (text) or token_ids, {which}.", param="prompt")
     if body.token_ids is not None:
         state.check_token_ids(body.token_ids, "token_ids")
+    return state
 
 
-def _prompt_ids(lm, body: PromptRequest, limit: int, least: int = 1) -> list[int]:
-    """The request's prompt as token ids (tokenized here: call it off the event loop); 400 unless it has at least
-    `least` tokens and at most `limit`."""
+async def _prompt_ids(state, body: PromptRequest, least: int = 1) -> list[int]:
+    """The request's prompt as token ids (tokenized off the event loop); 400 unless it has at least `least` tokens
+    and at most the model's length."""
     param = "prompt" if body.prompt is not None else "token_ids"
-    ids = list(body.token_ids) if body.token_ids is not None else lm.tokenizer.encode(body.prompt)
+    ids = list(body.token_ids) if body.token_ids is not None else await asyncio.to_thread(
+        state.lm.tokenizer.encode, body.prompt)
+    limit = min(state.lm.context_length, state.engine.max_model_len)
     if len(ids) < least:
         raise APIError(400, f"The prompt has {len(ids)} tokens; at least {least} are needed.", param=param)
     if len(ids) > limit:
@@ -186,19 +194,15 @@ def forward_gate(request: Request) -> asyncio.Semaphore:
              summary="The next-token distribution after a prompt")
 async def next_token(body: NextTokenRequest, request: Request) -> NextTokenResponse:
     """The `top_n` most likely next tokens after a prompt (text or token ids), with probabilities and logprobs."""
-    state = request.app.state.lmgen
-    state.check_model(body.model)
-    if state.shutting_down:
-        raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
-    _check(body, state)
+    state = _admitted(body, request)
     config = body.config()  # a ParameterError is the app's 400 naming the field
-    ids = await asyncio.to_thread(_prompt_ids, state.lm, body, _limit(state))
+    ids = await _prompt_ids(state, body)
     async with forward_gate(request):
         # The forward pass runs on the engine's thread, between its steps: the event loop goes on serving.
         try:
             future = state.engine.call(_distribution, state.lm, ids, config, body.top_n)
         except EngineFull:
-            raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down") from None
+            raise shutdown_error() from None
         found = await asyncio.wrap_future(future)
     return NextTokenResponse(model=state.model_id, prompt_token_ids=ids, **found)
 
@@ -208,12 +212,8 @@ async def next_token(body: NextTokenRequest, request: Request) -> NextTokenRespo
 async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
     """Score a text (or token ids) with the model, as prompt logprobs are scored: each token's log-probability given
     those before it, its rank and the entropy over the whole vocabulary, and the top_n alternatives."""
-    state = request.app.state.lmgen
-    state.check_model(body.model)
-    if state.shutting_down:
-        raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
-    _check(body, state)
-    ids = await asyncio.to_thread(_prompt_ids, state.lm, body, _limit(state), 2)
+    state = _admitted(body, request)
+    ids = await _prompt_ids(state, body, least=2)
     async with forward_gate(request):
         entries = await asyncio.to_thread(state.score, ids, body.top_n)
     return await asyncio.to_thread(_scored, state, ids, entries)
@@ -235,8 +235,6 @@ def clean_or_none(logprob: float | None) -> float | None:
     return None if logprob is None else clean(logprob)
 
 
-def _limit(state) -> int:
-    return min(state.lm.context_length, state.engine.max_model_len)
 
 
 def _static(name: str, frame_ancestors: list[str]) -> Response:
