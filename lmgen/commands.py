@@ -10,8 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .params import GenerationConfig
-
-VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
+from .tokenizer import VISIBLE
 
 
 def _read(text: str | None) -> str:

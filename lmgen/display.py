@@ -15,8 +15,8 @@ from collections.abc import Callable
 from .batch_sampler import Distribution
 from .generate import Generation, TokenLogprob
 from .lm import Score, TopTokens
+from .tokenizer import VISIBLE
 
-VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
 DISTRIBUTION_ROWS = 20  # a Distribution's table lists its most likely tokens
 PROMPT_TOKENS = 40  # a Generation shows at most the last this many prompt tokens before its own
 MAX_SURPRISAL = 10.0  # nats (p = 4.5e-5): the X-ray's strongest colour

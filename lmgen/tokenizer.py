@@ -17,6 +17,9 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from .errors import CorruptFileError, LmgenError, ModelNotFoundError
 from .weights.hf import read_json
 
+# A token's whitespace as glyphs, as the CLI, a notebook and the explorer page show it (str.translate table).
+VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
+
 GPT2_EOS = "<|endoftext|>"
 
 

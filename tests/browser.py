@@ -13,12 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lmgen.tokenizer import VISIBLE  # noqa: F401 (the page tests read it from here)
+
 CHROMIUM = "/usr/bin/chromium"
 NEEDS_CHROMIUM = pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"),
                                     reason="needs chromium: scripts/setup.sh --test")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
 
 def launch_chromium(playwright):
     """Debian's chromium, headless, with nothing reaching for the network."""
