@@ -246,6 +246,7 @@ class Distribution:
     processed: torch.Tensor  # [V] the probabilities sampling draws from (0 where removed)
     removed_by: torch.Tensor  # [V] int
     stages: list[str]  # every stage applied, in order
+    token_text = None  # not a field: LM.distribution sets it (token id -> text) for a notebook's display
 
     @property
     def candidates(self) -> int:

@@ -178,7 +178,7 @@ def distribution_html(d: Distribution) -> str:
     greyed with the stage that removed them, the candidates left, the mass they keep and both entropies."""
     rows = d.top(DISTRIBUTION_ROWS)
     scale = max([p for _, p, _, _ in rows] + [q for _, _, q, _ in rows]) or 1.0  # one scale: bars compare
-    name = getattr(d, "token_text", None)  # set by LM.distribution; ids alone without it
+    name = d.token_text  # set by LM.distribution; ids alone without it
     body = [_distribution_row(rank, row, scale, name) for rank, row in enumerate(rows, 1)]
     stages = " → ".join(d.stages) or "none"
     removed = ", ".join(f"{stage} {n}" for stage, n in d.removed.items() if n) or "none"
